@@ -1,0 +1,58 @@
+"""The `lmx` command. Each subcommand lives beside the code it drives.
+
+    lmx train     --config=experiments/default.py [--config.x.y=v ...]
+    lmx generate  --config=... [--prompt TEXT] [--checkpoint DIR]
+    lmx evaluate  --config=...
+    lmx info      --config=...
+    lmx data ...  / lmx tokenizer ... / lmx sweep ... / lmx scaling ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lmx.config import ConfigError
+
+# subcommand -> "module:function"; the function takes argv (after the subcommand) and
+# returns an exit code. Imported lazily so `lmx info` does not pay for the trainer.
+COMMANDS = {
+    "train": ("lmx.train.loop:cli_main", "train a model from an experiment config"),
+    "generate": ("lmx.infer.generate:cli_main", "sample a continuation from a checkpoint"),
+    "evaluate": ("lmx.eval.perplexity:cli_main", "validation loss / perplexity of a checkpoint"),
+    "info": ("lmx.info:cli_main", "parameter, FLOP and memory accounting as one JSON line"),
+    "data": ("lmx.data.prepare:cli_main", "clean, deduplicate and tokenize a corpus"),
+    "tokenizer": ("lmx.data.tokenizer:cli_main", "train / encode / decode SentencePiece"),
+    "sweep": ("lmx.scaling.sweep:cli_main", "plan and run IsoFLOP sweeps"),
+    "scaling": ("lmx.scaling.cli:cli_main", "fit Kaplan / Chinchilla scaling laws"),
+}
+
+
+def _usage() -> str:
+  lines = ["usage: lmx COMMAND [args]", "", "commands:"]
+  lines += [f"  {name:10s} {doc}" for name, (_, doc) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"lmx: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+  module, fn = COMMANDS[name][0].split(":")
+  try:
+    return int(getattr(importlib.import_module(module), fn)(rest) or 0)
+  except ConfigError as e:
+    print(f"lmx {name}: {e}", file=sys.stderr)
+    return 2
+  except FileNotFoundError as e:
+    print(f"lmx {name}: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

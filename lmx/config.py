@@ -1,0 +1,335 @@
+"""Typed, validated configuration.
+
+Experiments are `ml_collections.ConfigDict`s (see `experiments/`). Code never reads the
+ConfigDict directly: `from_config_dict` turns each section into a frozen dataclass and
+validates it, so a bad value fails here -- before any compilation -- with one sentence that
+names the field and its valid range.
+
+Sections: `model` (ModelConfig, the only thing layers see), `data` (DataConfig), `train`
+(TrainConfig), `mesh` (MeshConfig), `checkpoint` (CheckpointConfig), `eval` (EvalConfig),
+`sample` (SampleConfig). `run_dir` and `seed` sit at top level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, get_type_hints
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """An invalid configuration value; the message names the field and the valid range."""
+
+
+def _fail(field: str, msg: str) -> None:
+  raise ConfigError(f"Invalid config: `{field}` {msg}.")
+
+
+def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    _fail(field, f"is {value!r}; it must be one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(field: str, value: Any) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    _fail(field, f"is {value!r}; it must be a positive integer")
+
+
+def _nonneg_float(field: str, value: Any) -> None:
+  if not isinstance(value, (int, float)) or value < 0:
+    _fail(field, f"is {value!r}; it must be a number >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and switches of a decoder-only Transformer. Layers see only this."""
+
+  vocab_size: int = 4096
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 0  # 0 means n_heads (MHA); 1 is MQA; anything between is GQA.
+  head_dim: int = 0  # 0 means d_model // n_heads.
+  d_ff: int = 0  # 0 means 4*d_model (gelu/relu) or the LLaMA 8/3*d_model rounded to 64 (gated).
+  mlp: str = "swiglu"  # relu | gelu | swiglu | geglu
+  norm: str = "rmsnorm"  # rmsnorm | layernorm
+  norm_eps: float = 1e-5
+  norm_position: str = "pre"  # pre | post
+  position: str = "rope"  # rope | learned | sinusoidal
+  rope_theta: float = 10000.0
+  max_seq_len: int = 256
+  use_bias: bool = False  # biases on projections; LayerNorm gets a bias iff this is set.
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16; params stay float32.
+  remat: str = "none"  # none | full | save_dots
+  init_std: float = 0.02
+
+  # Derived sizes -- use these, never the raw 0 sentinels.
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def gated(self) -> bool:
+    return self.mlp in ("swiglu", "geglu")
+
+  @property
+  def ff_dim(self) -> int:
+    if self.d_ff:
+      return self.d_ff
+    if self.gated:  # LLaMA: 2/3 of 4*d, rounded up to a multiple of 64.
+      return 64 * -(-(8 * self.d_model // 3) // 64)
+    return 4 * self.d_model
+
+  def validate(self) -> "ModelConfig":
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+      _positive(f"model.{f}", getattr(self, f))
+    for f in ("n_kv_heads", "head_dim", "d_ff"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or v < 0:
+        _fail(f"model.{f}", f"is {v!r}; it must be an integer >= 0 (0 picks the default)")
+    _choice("model.mlp", self.mlp, ("relu", "gelu", "swiglu", "geglu"))
+    _choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
+    _choice("model.norm_position", self.norm_position, ("pre", "post"))
+    _choice("model.position", self.position, ("rope", "learned", "sinusoidal"))
+    _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+    _choice("model.remat", self.remat, ("none", "full", "save_dots"))
+    if not self.head_dim and self.d_model % self.n_heads:
+      _fail("model.n_heads", f"is {self.n_heads}; it must divide model.d_model={self.d_model} "
+            "(or set model.head_dim explicitly)")
+    if self.n_kv_heads and (self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads):
+      _fail("model.n_heads", f"is {self.n_heads}; it must be a multiple of "
+            f"model.n_kv_heads={self.n_kv_heads} (valid n_kv_heads: divisors of n_heads)")
+    if self.position == "rope" and self.dim_per_head % 2:
+      _fail("model.head_dim", f"is {self.dim_per_head}; RoPE needs an even head dimension")
+    if self.position == "rope" and self.rope_theta <= 0:
+      _fail("model.rope_theta", f"is {self.rope_theta!r}; it must be > 0")
+    if self.norm_eps <= 0:
+      _fail("model.norm_eps", f"is {self.norm_eps!r}; it must be > 0")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from and how they are batched."""
+
+  corpus: str = "stdlib"  # 'stdlib' (embedded default) or a path: folder of .txt, .jsonl, .array_record
+  text_field: str = "text"  # JSONL field holding the document text.
+  tokenizer_path: str = ""  # '' trains (or reuses the cached) tokenizer for the corpus.
+  tokenizer_type: str = "bpe"  # bpe | unigram
+  tokenizer_sample_mb: int = 8  # MB of training text given to SentencePiece.
+  cache_dir: str = ".cache/lmx"  # tokenizers and pre-tokenized shards live here.
+  validation_fraction: float = 0.02  # share of documents (by hash) held out.
+  seq_len: int = 256
+  batch_size: int = 16  # global batch, in sequences.
+  packing: bool = True  # False: one document per row, padded and masked.
+  shuffle_seed: int = 0
+  max_docs: int = 0  # 0 = all documents; >0 caps the corpus (tests, smoke runs).
+
+  def validate(self) -> "DataConfig":
+    _positive("data.seq_len", self.seq_len)
+    _positive("data.batch_size", self.batch_size)
+    _choice("data.tokenizer_type", self.tokenizer_type, ("bpe", "unigram"))
+    if not 0.0 < self.validation_fraction < 1.0:
+      _fail("data.validation_fraction", f"is {self.validation_fraction!r}; it must be in (0, 1)")
+    if self.max_docs < 0:
+      _fail("data.max_docs", f"is {self.max_docs!r}; it must be >= 0")
+    if self.tokenizer_sample_mb <= 0:
+      _fail("data.tokenizer_sample_mb", f"is {self.tokenizer_sample_mb!r}; it must be > 0")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimizer, schedule, precision and loop settings."""
+
+  steps: int = 1000
+  learning_rate: float = 3e-3  # peak LR after warmup.
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio.
+  warmup_steps: int = 100
+  weight_decay: float = 0.1
+  beta1: float = 0.9
+  beta2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0  # global-norm clip; 0 disables.
+  precision: str = "float32"  # float32 | bfloat16 | float16 (fp16 uses dynamic loss scaling)
+  grad_accum_steps: int = 1  # microbatches per optimizer step.
+  z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM); 0 disables.
+  log_every: int = 10
+  eval_every: int = 100  # 0 disables periodic validation.
+  eval_batches: int = 8
+  early_stopping_patience: int = 0  # evals without improvement before stopping; 0 disables.
+  max_bad_steps: int = 5  # consecutive non-finite steps before the run stops.
+  progress_bar: bool = True
+
+  def validate(self) -> "TrainConfig":
+    _positive("train.steps", self.steps)
+    _positive("train.grad_accum_steps", self.grad_accum_steps)
+    _positive("train.max_bad_steps", self.max_bad_steps)
+    _positive("train.log_every", self.log_every)
+    _choice("train.precision", self.precision, ("float32", "bfloat16", "float16"))
+    if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+      _fail("train.learning_rate", f"is {self.learning_rate!r}; it must be > 0")
+    if not 0.0 <= self.min_lr_ratio <= 1.0:
+      _fail("train.min_lr_ratio", f"is {self.min_lr_ratio!r}; it must be in [0, 1]")
+    if not 0 <= self.warmup_steps <= self.steps:
+      _fail("train.warmup_steps", f"is {self.warmup_steps!r}; it must be in [0, train.steps]")
+    for f in ("beta1", "beta2"):
+      if not 0.0 <= getattr(self, f) < 1.0:
+        _fail(f"train.{f}", f"is {getattr(self, f)!r}; it must be in [0, 1)")
+    for f in ("weight_decay", "grad_clip", "z_loss"):
+      _nonneg_float(f"train.{f}", getattr(self, f))
+    for f in ("eval_every", "eval_batches", "early_stopping_patience"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or v < 0:
+        _fail(f"train.{f}", f"is {v!r}; it must be an integer >= 0")
+    return self
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes; one axis may be -1 (takes the remaining devices). 1 turns an axis off."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  pipeline: int = 1
+  expert: int = 1
+
+  def validate(self) -> "MeshConfig":
+    sizes = [getattr(self, a) for a in MESH_AXES]
+    for a, s in zip(MESH_AXES, sizes):
+      if not isinstance(s, int) or (s < 1 and s != -1):
+        _fail(f"mesh.{a}", f"is {s!r}; it must be a positive integer or -1")
+    if sizes.count(-1) > 1:
+      _fail("mesh", "has more than one axis set to -1; at most one axis may take the rest")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 200  # steps between saves; 0 saves only at the end / on signal.
+  keep: int = 3  # newest checkpoints kept (the best one by validation loss is kept too).
+  async_save: bool = True
+
+  def validate(self) -> "CheckpointConfig":
+    if self.every < 0:
+      _fail("checkpoint.every", f"is {self.every!r}; it must be >= 0")
+    _positive("checkpoint.keep", self.keep)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  prompt: str = "def "
+  max_new_tokens: int = 64
+  temperature: float = 0.8  # 0 means greedy.
+  top_k: int = 0  # 0 disables.
+  top_p: float = 1.0  # 1.0 disables.
+  seed: int = 0
+
+  def validate(self) -> "SampleConfig":
+    _positive("sample.max_new_tokens", self.max_new_tokens)
+    _nonneg_float("sample.temperature", self.temperature)
+    if self.top_k < 0:
+      _fail("sample.top_k", f"is {self.top_k!r}; it must be >= 0")
+    if not 0.0 < self.top_p <= 1.0:
+      _fail("sample.top_p", f"is {self.top_p!r}; it must be in (0, 1]")
+    return self
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
+    "sample": SampleConfig,
+}
+TOP_LEVEL = {"run_dir": str, "seed": int, "name": str}
+
+
+def _section_from_dict(name: str, cls: type, values: dict[str, Any]):
+  hints = get_type_hints(cls)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    _fail(f"{name}.{unknown[0]}", f"is not a known key; valid keys of `{name}` are "
+          f"{', '.join(sorted(known))}")
+  out = {}
+  for k, v in values.items():
+    t = hints[k]
+    if t is float and isinstance(v, int) and not isinstance(v, bool):
+      v = float(v)
+    if t is int and isinstance(v, float) and v.is_integer():
+      v = int(v)
+    if t in (int, float, str, bool) and not isinstance(v, t):
+      _fail(f"{name}.{k}", f"is {v!r} of type {type(v).__name__}; it must be a {t.__name__}")
+    if t is int and isinstance(v, bool):
+      _fail(f"{name}.{k}", f"is {v!r}; it must be an int")
+    out[k] = v
+  return cls(**out).validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The whole validated experiment: one frozen dataclass per section."""
+
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  mesh: MeshConfig
+  checkpoint: CheckpointConfig
+  sample: SampleConfig
+  run_dir: str = "runs/default"
+  seed: int = 0
+  name: str = "default"
+
+
+def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> Experiment:
+  """Validate a ConfigDict and turn it into typed sections. Raises ConfigError."""
+  d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+  extra = sorted(set(d) - set(SECTIONS) - set(TOP_LEVEL))
+  if extra:
+    _fail(extra[0], f"is not a known top-level key; valid keys are "
+          f"{', '.join(sorted(set(SECTIONS) | set(TOP_LEVEL)))}")
+  kwargs: dict[str, Any] = {}
+  for name, cls in SECTIONS.items():
+    kwargs[name] = _section_from_dict(name, cls, d.get(name, {}) or {})
+  for k, t in TOP_LEVEL.items():
+    if k in d:
+      if not isinstance(d[k], t):
+        _fail(k, f"is {d[k]!r}; it must be a {t.__name__}")
+      kwargs[k] = d[k]
+  exp = Experiment(**kwargs)
+  if exp.data.seq_len > exp.model.max_seq_len and exp.model.position == "learned":
+    _fail("data.seq_len", f"is {exp.data.seq_len}; with learned positions it must be <= "
+          f"model.max_seq_len={exp.model.max_seq_len}")
+  if exp.data.batch_size % exp.train.grad_accum_steps:
+    _fail("train.grad_accum_steps", f"is {exp.train.grad_accum_steps}; it must divide "
+          f"data.batch_size={exp.data.batch_size}")
+  return exp
+
+
+def to_config_dict(exp_section) -> ml_collections.ConfigDict:
+  """A dataclass section as a ConfigDict (used by experiments to start from defaults)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(exp_section))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every section at its defaults; experiments start here and override fields."""
+  c = ml_collections.ConfigDict()
+  for name, cls in SECTIONS.items():
+    c[name] = to_config_dict(cls())
+  c.run_dir = "runs/default"
+  c.seed = 0
+  c.name = "default"
+  return c

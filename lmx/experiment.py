@@ -1,0 +1,55 @@
+"""Load an experiment file plus `--config.a.b=value` overrides into a validated Experiment.
+
+Uses ml-collections' config flags, so the override syntax is the standard one:
+    lmx train --config=experiments/default.py --config.train.steps=200
+    lmx train --config=experiments/llama.py:150m     (the part after ':' is get_config's arg)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from lmx.config import ConfigError, Experiment, from_config_dict
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separate `--config...` arguments (for ml-collections) from the rest (for argparse)."""
+  cfg_args, rest = [], []
+  it = iter(argv)
+  for a in it:
+    if a.startswith("--config"):
+      if "=" not in a:  # `--config path` form
+        a = f"{a}={next(it, '')}"
+      cfg_args.append(a)
+    else:
+      rest.append(a)
+  return cfg_args, rest
+
+
+def load_config_dict(argv: Sequence[str]) -> ConfigDict:
+  """Parse `--config=FILE[:arg]` and overrides into a ConfigDict (raises ConfigError)."""
+  cfg_args, _ = split_config_args(argv)
+  if not any(a.startswith("--config=") for a in cfg_args):
+    raise ConfigError("Missing `--config=experiments/NAME.py`: every command needs an "
+                      "experiment file.")
+  path = next(a for a in cfg_args if a.startswith("--config="))[len("--config="):]
+  if not os.path.exists(path.split(":")[0]):
+    raise ConfigError(f"Invalid config: experiment file {path.split(':')[0]!r} does not exist.")
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", default=None, flag_values=fv,
+                                  lock_config=True)
+  try:
+    fv(["lmx", *cfg_args])
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ConfigError(f"Invalid config override: {msg}") from None
+  return fv.config
+
+
+def load_experiment(argv: Sequence[str]) -> tuple[Experiment, ConfigDict]:
+  cd = load_config_dict(argv)
+  return from_config_dict(cd), cd

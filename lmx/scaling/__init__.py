@@ -1,0 +1,1 @@
+"""Parameter/FLOP accounting, model-shape rules, sweeps and scaling-law fits."""
