@@ -166,6 +166,8 @@ class TrainConfig:
   early_stopping_patience: int = 0  # evals without improvement before stopping; 0 disables.
   max_bad_steps: int = 5  # consecutive non-finite steps before the run stops.
   progress_bar: bool = True
+  loss_scale_init: float = 32768.0  # fp16 only: starting dynamic loss scale (2^15).
+  loss_scale_period: int = 2000  # fp16 only: finite steps before the loss scale doubles.
 
   def validate(self) -> "TrainConfig":
     _positive("train.steps", self.steps)
@@ -184,6 +186,9 @@ class TrainConfig:
         _fail(f"train.{f}", f"is {getattr(self, f)!r}; it must be in [0, 1)")
     for f in ("weight_decay", "grad_clip", "z_loss"):
       _nonneg_float(f"train.{f}", getattr(self, f))
+    _positive("train.loss_scale_period", self.loss_scale_period)
+    if not (isinstance(self.loss_scale_init, (int, float)) and self.loss_scale_init >= 1):
+      _fail("train.loss_scale_init", f"is {self.loss_scale_init!r}; it must be >= 1")
     for f in ("eval_every", "eval_batches", "early_stopping_patience"):
       v = getattr(self, f)
       if not isinstance(v, int) or v < 0:

@@ -39,9 +39,29 @@ def load_config_dict(argv: Sequence[str]) -> ConfigDict:
   path = next(a for a in cfg_args if a.startswith("--config="))[len("--config="):]
   if not os.path.exists(path.split(":")[0]):
     raise ConfigError(f"Invalid config: experiment file {path.split(':')[0]!r} does not exist.")
+  base_args = [a for a in cfg_args if a.startswith("--config=")]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", default=None, flag_values=fv,
-                                  lock_config=True)
+  config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True,
+                                  sys_argv=["lmx", *base_args])
+  try:
+    fv(["lmx", *base_args])
+  except Exception as e:  # the experiment file itself failed to load
+    raise ConfigError(f"Invalid config: experiment {path!r} failed to load: {e}") from None
+  for a in cfg_args:  # name the unknown key instead of a bare KeyError
+    if a.startswith("--config."):
+      dotted = a[len("--config."):].split("=", 1)[0]
+      node = fv.config
+      for i, part in enumerate(dotted.split(".")):
+        if not isinstance(node, ConfigDict) or part not in node:
+          where = ".".join(dotted.split(".")[:i]) or "top level"
+          valid = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else "none"
+          raise ConfigError(f"Invalid config: `{dotted}` is not a known key; valid keys at "
+                            f"{where} are {valid}.")
+        node = node[part]
+  fv = flags.FlagValues()
+  # sys_argv: ml-collections would otherwise read overrides from the process's sys.argv.
+  config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True,
+                                  sys_argv=["lmx", *cfg_args])
   try:
     fv(["lmx", *cfg_args])
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:

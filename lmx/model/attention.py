@@ -1,0 +1,121 @@
+"""Causal self-attention with MHA / GQA / MQA and a key-value cache.
+
+Einsum letters: B batch, T query length, S key length, D d_model, N query heads,
+K key/value heads, H head dim. `n_kv_heads` picks the variant: K == N is MHA, K == 1 MQA,
+anything between GQA. `jax.nn.dot_product_attention` takes K < N natively (query head n
+reads kv head n // (N/K)), so K/V are never repeated in memory; with `implementation=None`
+a GPU backend may choose cuDNN's fused kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from lmx.config import ModelConfig
+from lmx.model.layers import compute_dtype, normal, output_init_std, param, zeros
+from lmx.model.positions import apply_rope
+from lmx.parallel.mesh import constrain
+
+
+@struct.dataclass
+class LayerCache:
+  """Keys and values of one layer, (B, S_max, K, H) in the compute dtype."""
+  k: jax.Array
+  v: jax.Array
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """Boolean (B, 1, T, T): query t may see key s iff they are in the same segment.
+
+  Padding (segment 0) attends only to padding, so no row is fully masked (no NaNs); its
+  outputs are masked out of the loss anyway. Causality is added separately.
+  """
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+
+
+def cache_mask(index: jax.Array, t: int, s_max: int) -> jax.Array:
+  """Boolean (1, 1, t, S_max) for t new queries written at cache slots index..index+t-1.
+
+  Query i sits in slot index + i and may read slots 0..index + i. The cache's unwritten
+  tail is excluded by the same rule. (`is_causal=True` would align the triangle to slot 0,
+  which is wrong once the cache holds a prefix.)
+  """
+  q_slot = index + jnp.arange(t, dtype=jnp.int32)  # (t,)
+  k_slot = jnp.arange(s_max, dtype=jnp.int32)  # (S,)
+  return (k_slot[None, :] <= q_slot[:, None])[None, None]
+
+
+def _attend(q, k, v, mask, is_causal: bool) -> jax.Array:
+  """jax.nn.dot_product_attention: q (B, T, N, H), k/v (B, S, K, H) -> (B, T, N, H)."""
+  # NOTE: jax 0.10.2's XLA path promotes bf16 with float32 internally, which fails under
+  # the strict dtype promotion our tests enable; allow standard promotion just here.
+  with jax.numpy_dtype_promotion("standard"):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    self.cfg = cfg
+    init, out_init = normal(cfg.init_std), normal(output_init_std(cfg))
+    self.wq = param(rngs.params(), (d, n, h), ("embed", "heads", "head_dim"), init)
+    self.wk = param(rngs.params(), (d, k, h), ("embed", "kv_heads", "head_dim"), init)
+    self.wv = param(rngs.params(), (d, k, h), ("embed", "kv_heads", "head_dim"), init)
+    self.wo = param(rngs.params(), (n, h, d), ("heads", "head_dim", "embed"), out_init)
+    if cfg.use_bias:
+      self.bq = param(rngs.params(), (n, h), ("heads", "head_dim"), zeros)
+      self.bk = param(rngs.params(), (k, h), ("kv_heads", "head_dim"), zeros)
+      self.bv = param(rngs.params(), (k, h), ("kv_heads", "head_dim"), zeros)
+      self.bo = param(rngs.params(), (d,), ("embed",), zeros)
+    else:
+      self.bq = self.bk = self.bv = self.bo = None
+
+  def _w(self, p) -> jax.Array:
+    return p[...].astype(compute_dtype(self.cfg))
+
+  def _qkv(self, x: jax.Array, positions: jax.Array):
+    q = jnp.einsum("BTD,DNH->BTNH", x, self._w(self.wq))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self._w(self.wk))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self._w(self.wv))
+    if self.bq is not None:
+      q, k, v = q + self._w(self.bq), k + self._w(self.bk), v + self._w(self.bv)
+    if self.cfg.position == "rope":
+      q = apply_rope(q, positions, self.cfg.rope_theta)
+      k = apply_rope(k, positions, self.cfg.rope_theta)
+    q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+    k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+    return q, k, v
+
+  def _out(self, o: jax.Array) -> jax.Array:  # (B, T, N, H) -> (B, T, D)
+    y = jnp.einsum("BTNH,NHD->BTD", o, self._w(self.wo))
+    if self.bo is not None:
+      y = y + self._w(self.bo)
+    return y
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Full-sequence causal attention: x (B, T, D), positions/segment_ids (B, T) -> (B, T, D)."""
+    q, k, v = self._qkv(x, positions)
+    mask = None if segment_ids is None else segment_mask(segment_ids)
+    o = _attend(q, k, v, mask, is_causal=True)  # (B, T, N, H)
+    return self._out(o)
+
+  def init_cache(self, batch: int, max_len: int) -> LayerCache:
+    shape = (batch, max_len, self.cfg.kv_heads, self.cfg.dim_per_head)
+    dtype = compute_dtype(self.cfg)
+    return LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache,
+             index: jax.Array) -> tuple[jax.Array, LayerCache]:
+    """Attend t new tokens x (B, t, D) to the cached prefix; write them at slot `index`."""
+    q, k, v = self._qkv(x, positions)
+    start = (0, index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)  # (B, S, K, H)
+    v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+    mask = cache_mask(index, x.shape[1], cache.k.shape[1])
+    o = _attend(q, k_all, v_all, mask, is_causal=False)  # (B, t, N, H)
+    return self._out(o), LayerCache(k=k_all, v=v_all)

@@ -1,0 +1,74 @@
+"""Parameter creation and dtype helpers shared by every layer.
+
+Every trainable array in lmx is made by `param`, which records its *logical* axis names
+(see `lmx.parallel.rules`) as the Variable's `out_sharding` metadata. Nothing is placed on
+devices here (`eager_sharding=False`): the trainer reads the names back with
+`lmx.parallel.mesh.state_shardings` and allocates the state sharded in one jitted init.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmx.config import ModelConfig
+from lmx.parallel.rules import DEFAULT_RULES
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+_KNOWN_NAMES = frozenset(name for name, _ in DEFAULT_RULES)
+
+
+def normal(std: float) -> Initializer:
+  return jax.nn.initializers.normal(stddev=std)
+
+
+zeros: Initializer = jax.nn.initializers.zeros
+ones: Initializer = jax.nn.initializers.ones
+
+
+def param(key: jax.Array, shape: Sequence[int], names: Sequence[str | None],
+          init: Initializer = zeros, dtype=jnp.float32) -> nnx.Param:
+  """A float32 (by default) `nnx.Param` of `shape`, annotated with logical axis `names`."""
+  shape, names = tuple(int(s) for s in shape), tuple(names)
+  if len(shape) != len(names):
+    raise ValueError(f"param: shape {shape} has {len(shape)} dims but names {names} has "
+                     f"{len(names)}; give one logical name (or None) per dimension.")
+  unknown = [n for n in names if n is not None and n not in _KNOWN_NAMES]
+  if unknown:
+    raise ValueError(f"param: logical axis {unknown[0]!r} is not in lmx.parallel.rules; "
+                     f"known names are {sorted(_KNOWN_NAMES)}.")
+  return nnx.Param(init(key, shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+  """The activation dtype; parameters stay float32 and are cast at use."""
+  return jnp.dtype(cfg.dtype)
+
+
+def output_init_std(cfg: ModelConfig) -> float:
+  """GPT-2's scaled init for projections that write into the residual stream.
+
+  Each block adds two such outputs (attention and MLP), so the residual variance grows with
+  2 * n_layers; scaling their std by 1/sqrt(2 * n_layers) keeps it O(1) at init.
+  """
+  return cfg.init_std / (2 * cfg.n_layers) ** 0.5
+
+
+def count_model_params(model_or_state) -> int:
+  """Number of scalars in all `nnx.Param`s of a module, an `nnx.State` or an abstract state."""
+  if isinstance(model_or_state, nnx.Module):
+    state = nnx.state(model_or_state, nnx.Param)
+  else:
+    state = model_or_state
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  total = 0
+  for leaf in leaves:
+    if isinstance(leaf, nnx.Variable):
+      if not isinstance(leaf, nnx.Param):
+        continue
+      leaf = leaf.get_value()
+    total += int(jnp.size(leaf)) if not hasattr(leaf, "size") else int(leaf.size)
+  return total

@@ -1,0 +1,46 @@
+"""AdamW with warmup + cosine schedule, global-norm clipping and no decay on 1-D params."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmx.config import TrainConfig
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup 0 -> learning_rate over warmup_steps, then cosine down to
+  learning_rate * min_lr_ratio at step `steps` (and flat after)."""
+  peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+  warmup, decay = cfg.warmup_steps, max(cfg.steps - cfg.warmup_steps, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * step / max(warmup, 1)
+    frac = jnp.clip((step - warmup) / decay, 0.0, 1.0)
+    cos = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(step < warmup, warm, cos)
+
+  return schedule
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices and up. Norm scales and biases (1-D) and
+  scalars are not decayed -- shrinking a norm gain toward 0 only fights the next layer."""
+  return jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
+
+
+def make_optimizer(cfg: TrainConfig, params=None) -> optax.GradientTransformation:
+  """optax chain: clip_by_global_norm(grad_clip) (if > 0) then AdamW on the schedule.
+
+  `params` is accepted for symmetry with callers that have it; the decay mask is computed
+  from the tree passed to `init`, so it is not needed.
+  """
+  del params
+  parts = []
+  if cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  parts.append(optax.adamw(make_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
