@@ -130,6 +130,7 @@ class DataConfig:
   packing: bool = True  # False: one document per row, padded and masked.
   shuffle_seed: int = 0
   max_docs: int = 0  # 0 = all documents; >0 caps the corpus (tests, smoke runs).
+  mixture: str = ""  # train-only mix 'CORPUS=WEIGHT,...' by token share; '' = data.corpus alone.
 
   def validate(self) -> "DataConfig":
     _positive("data.seq_len", self.seq_len)
@@ -141,6 +142,14 @@ class DataConfig:
       _fail("data.max_docs", f"is {self.max_docs!r}; it must be >= 0")
     if self.tokenizer_sample_mb <= 0:
       _fail("data.tokenizer_sample_mb", f"is {self.tokenizer_sample_mb!r}; it must be > 0")
+    for part in filter(None, self.mixture.split(",")):
+      name, sep, w = part.rpartition("=")
+      try:
+        ok = bool(sep and name) and float(w) > 0
+      except ValueError:
+        ok = False
+      if not ok:
+        _fail("data.mixture", f"has entry {part!r}; entries must be CORPUS=WEIGHT, WEIGHT > 0")
     return self
 
 
