@@ -141,7 +141,10 @@ def _jsonl_documents(path: pathlib.Path, rel: str, field: str,
       # JSON escapes may carry lone surrogates; repair them like invalid UTF-8.
       text = _decode(text.encode("utf-8", "surrogatepass"), stats)
       if text is not None:
-        yield _emit(f"{rel}:{line_no}", text, rel, stats)
+        # A record's own `id` (e.g. from `lmx data prepare`) keeps the train/validation split
+        # -- decided by id hash -- identical to the one its dedup was run against.
+        doc_id = obj["id"] if isinstance(obj.get("id"), str) and obj["id"] else f"{rel}:{line_no}"
+        yield _emit(doc_id, text, rel, stats)
 
 
 def _array_record_documents(path: pathlib.Path, rel: str,
