@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _check(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+  """Raise ValueError naming the bad setting and its valid range."""
   if temperature < 0:
     raise ValueError(f"sampling: temperature is {temperature!r}; it must be >= 0 (0 = greedy).")
   if top_k < 0:
@@ -27,7 +28,7 @@ def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
 
   Ties are broken by token id (lower id first), so exactly min(k, V) tokens survive top-k.
   """
-  _check(temperature, top_k, top_p)
+  check_sampling_args(temperature, top_k, top_p)
   logits = logits.astype(jnp.float32)
   if temperature > 0:
     logits = logits / temperature
@@ -54,7 +55,7 @@ def greedy(logits: jax.Array) -> jax.Array:
 def sample_token(rng: jax.Array, logits: jax.Array, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """One token per row: logits (B, V) -> int32 (B,). temperature == 0 is greedy."""
-  _check(temperature, top_k, top_p)
+  check_sampling_args(temperature, top_k, top_p)
   if temperature == 0:
     return greedy(logits)
   filtered = filter_logits(logits, temperature, top_k, top_p)

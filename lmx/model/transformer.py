@@ -6,6 +6,9 @@ Parameters are float32; activations run in `cfg.dtype`; logits come back float32
 softmax over V is where low precision hurts most). `cfg.remat` trades compute for memory
 per block: 'full' recomputes the whole block in the backward pass, 'save_dots' keeps the
 weight matmuls and recomputes the rest (attention scores, activations, norms).
+
+NOTE: the final norm exists for post-LN too (where the last block already ends in a norm):
+the parameter tree is the same for both wirings, as `lmx.scaling.accounting` counts it.
 """
 
 from __future__ import annotations
