@@ -43,4 +43,20 @@ def make_optimizer(cfg: TrainConfig, params=None) -> optax.GradientTransformatio
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(make_schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
-  return optax.chain(*parts)
+  return _standard_promotion(optax.chain(*parts))
+
+
+def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """NOTE: optax's Adam bias correction computes `b1 ** count` (float ** int32), which
+  strict dtype promotion (used by lmx's tests to catch silent upcasts) rejects; the
+  optimizer's own arithmetic runs under standard promotion."""
+
+  def init(params):
+    with jax.numpy_dtype_promotion("standard"):
+      return tx.init(params)
+
+  def update(updates, state, params=None):
+    with jax.numpy_dtype_promotion("standard"):
+      return tx.update(updates, state, params)
+
+  return optax.GradientTransformation(init, update)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from lmx.config import TrainConfig
+from lmx.parallel.mesh import state_shardings
 from lmx.train.precision import initial_loss_scale
 
 
@@ -49,3 +51,36 @@ def create_train_state(params: nnx.State, optimizer: optax.GradientTransformatio
       consecutive_bad_steps=jnp.int32(0),
       total_bad_steps=jnp.int32(0),
   )
+
+
+def plan_train_state(make_model: Callable[[nnx.Rngs], nnx.Module],
+                     optimizer: optax.GradientTransformation, cfg: TrainConfig, seed: int,
+                     mesh: Mesh):
+  """Shape before memory: plan the state without allocating it.
+
+  Returns (graphdef, abstract, shardings, init): `abstract` is the (TrainState, rest) pair
+  as ShapeDtypeStructs (`rest` is the model's non-Param state, often empty), `shardings`
+  their NamedShardings from each parameter's logical names, and `init()` allocates both
+  directly in that layout with one `jax.jit(..., out_shardings=...)` -- no full copy ever
+  sits on one device. A resumed run restores into `abstract` and never calls `init`.
+  """
+
+  def init():
+    model = make_model(nnx.Rngs(params=seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return create_train_state(params, optimizer, cfg, seed + 1), rest
+
+  abstract = jax.eval_shape(init)
+  graphdef = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(params=seed))),
+                       nnx.Param, ...)[0]
+  shardings = state_shardings(abstract, mesh)
+  return graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings)
+
+
+def init_train_state(make_model: Callable[[nnx.Rngs], nnx.Module],
+                     optimizer: optax.GradientTransformation, cfg: TrainConfig, seed: int,
+                     mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
+  """(graphdef, rest, state): a fresh state allocated sharded (see `plan_train_state`)."""
+  graphdef, _, _, init = plan_train_state(make_model, optimizer, cfg, seed, mesh)
+  state, rest = init()
+  return graphdef, rest, state

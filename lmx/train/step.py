@@ -83,7 +83,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / (state.loss_scale * denom), g_sum)
     loss = (ce_sum + z_sum) / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
 
     loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
     ok = loss_ok & grads_ok

@@ -1,0 +1,215 @@
+"""The training loop: build, resume, step, log, validate, checkpoint, stop cleanly.
+
+    lmx train --config=experiments/default.py [--config.train.steps=200 ...]
+
+A run directory holds everything: checkpoints/ (latest N, incl. the data iterator), best/
+(best validation loss), metrics.jsonl, tensorboard/, loss_curve.png. Rerunning the same
+command resumes from the newest checkpoint -- model, optimizer, step, RNG, loss scale and
+data position -- and continues bitwise identically to an uninterrupted run (fp32, same
+devices). SIGTERM / SIGINT (preemption, Ctrl-C) save a checkpoint and return normally.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import pathlib
+import signal
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from lmx.config import Experiment
+from lmx.data.pipeline import make_dataset
+from lmx.data.tokenizer import load_or_train_tokenizer
+from lmx.eval.perplexity import (UNIGRAM_TRAIN_BATCHES, count_targets, masked_targets,
+                                 unigram_perplexity, validation_loss)
+from lmx.model import Transformer
+from lmx.parallel.mesh import make_mesh, use_mesh
+from lmx.train.checkpoint import Checkpointer
+from lmx.train.early_stopping import EarlyStopping
+from lmx.train.metrics import MetricsLogger, plot_loss_curve
+from lmx.train.optimizer import make_optimizer
+from lmx.train.precision import model_config_for_training
+from lmx.train.state import plan_train_state
+from lmx.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, put_batch
+
+
+class _SignalFlag:
+  """Records SIGTERM/SIGINT instead of dying, so the loop can save and return."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._old: dict[int, Any] = {}
+
+  def __enter__(self):
+    try:
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+    except ValueError:  # not the main thread: signals stay with the caller
+      pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def _validation_batches(exp: Experiment, tok) -> list[dict[str, np.ndarray]]:
+  if not exp.train.eval_batches:
+    return []
+  ds = make_dataset(exp, tok, "validation", jax.process_index(), jax.process_count())
+  return list(itertools.islice(iter(ds), exp.train.eval_batches))
+
+
+def train(exp: Experiment, *, max_steps: int | None = None,
+          stop_after: int | None = None) -> dict[str, Any]:
+  """Train (or resume) `exp` in `exp.run_dir`; returns the final metrics.
+
+  max_steps: loop bound instead of train.steps (the LR schedule still spans train.steps).
+  stop_after: stop once this many steps are done, saving a checkpoint exactly as a SIGTERM
+    would (for tests and for chopping a run into time-limited jobs).
+  """
+  cfg = exp.train
+  total = max_steps if max_steps is not None else cfg.steps
+  run_dir = pathlib.Path(exp.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  mesh = make_mesh(exp.mesh)
+  tok = load_or_train_tokenizer(exp)
+  model_cfg = model_config_for_training(exp)  # compute dtype = train.precision
+  optimizer = make_optimizer(cfg)
+  ckpt = Checkpointer(run_dir, exp.checkpoint)
+  stopper = EarlyStopping(cfg.early_stopping_patience)
+  train_it = iter(make_dataset(exp, tok, "train", jax.process_index(), jax.process_count()))
+  val_batches = _validation_batches(exp, tok)
+
+  with use_mesh(mesh):
+    graphdef, abstract, shardings, init = plan_train_state(
+        lambda rngs: Transformer(model_cfg, rngs=rngs), optimizer, cfg, exp.seed, mesh)
+    step, resumed_from = 0, None
+    restored = ckpt.restore_latest(abstract[0], shardings[0])
+    if restored is not None and jax.tree.leaves(abstract[1]):
+      rest = init()[1]  # non-Param model state is not checkpointed: rebuild it
+    else:
+      rest = abstract[1]  # empty: the abstract one serves
+    if restored is None:
+      state, rest = init()
+    else:
+      state, data_state, step = restored
+      train_it.set_state(data_state["iterator"])
+      stopper.load_state_dict(data_state["early_stopping"])
+      resumed_from = step
+      print(f"lmx train: resumed from {ckpt.path(step)}", file=sys.stderr)
+    train_step = jit_train_step(make_train_step(graphdef, rest, optimizer, cfg), abstract[0],
+                                mesh)
+    eval_fn = jit_eval_step(make_eval_step(graphdef, rest), abstract[0].params, mesh)
+
+    def evaluate(params) -> dict[str, float]:
+      return validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val_batches)
+
+    def save(at: int) -> None:
+      ckpt.save(at, state, {"iterator": train_it.get_state(), "step": at,
+                            "early_stopping": stopper.state_dict()})
+
+    logger = MetricsLogger(run_dir, total, step, cfg.progress_bar and jax.process_index() == 0)
+    result: dict[str, Any] = {"stopped_by_signal": False, "early_stopped": False,
+                              "stopped_by_bad_steps": False, "resumed_from": resumed_from}
+    losses: list[tuple[int, float]] = []
+    last_eval: tuple[int, dict] | None = None
+    with _SignalFlag() as sig:
+      while step < total:
+        if sig.signum is not None:
+          result["stopped_by_signal"] = True
+          break
+        if stop_after is not None and step >= stop_after:
+          break
+        batch = next(train_it)
+        state, m = train_step(state, put_batch(batch, mesh))
+        step += 1
+        logger.count_tokens(float(batch["loss_mask"].sum()) * jax.process_count())
+        logger.advance()
+        if step % cfg.log_every == 0 or step == total:
+          rec = logger.log(step, m)
+          losses.append((step, rec["loss"]))
+        bad = int(state.consecutive_bad_steps)
+        if bad >= cfg.max_bad_steps:
+          last = ckpt.latest_step()
+          msg = (f"lmx train: stopping at step {step}: {bad} consecutive non-finite steps "
+                 f"(loss or gradient norm NaN/inf; train.max_bad_steps={cfg.max_bad_steps}). "
+                 f"The last good checkpoint is {ckpt.path(last)}"
+                 + (f" (step {last})." if last is not None else "."))
+          print(msg, file=sys.stderr)
+          result.update(stopped_by_bad_steps=True, message=msg, last_good_checkpoint=last)
+          break
+        if val_batches and cfg.eval_every and step % cfg.eval_every == 0:
+          val = evaluate(state.params)
+          last_eval = (step, val)
+          logger.log(step, val, kind="eval")
+          if stopper.update(step, val["val_loss"]):
+            ckpt.save_best(step, state.params, val["val_loss"])
+          if stopper.should_stop:
+            result["early_stopped"] = True
+            save(step)
+            break
+        if ckpt.should_save(step) and bad == 0:  # no saves mid-streak: keep "last good" exact
+          save(step)
+
+    if not result["stopped_by_bad_steps"]:
+      save(step)  # end of run, signal, stop_after (a no-op if this step is already saved)
+    # On a signal (preemption) leave fast: the checkpoint is what matters.
+    if val_batches and not result["stopped_by_signal"]:
+      if last_eval is not None and last_eval[0] == step:
+        final = last_eval[1]  # just evaluated at this step
+      else:
+        final = evaluate(state.params)
+        logger.log(step, final, kind="eval")
+        if stopper.update(step, final["val_loss"]):
+          ckpt.save_best(step, state.params, final["val_loss"])
+      result.update(final)
+      # Unigram counts: targets of the first min(step, cap) train batches -- the batches this
+      # run trained on, regenerated from a fresh iterator (the pipeline is deterministic).
+      n_train = max(1, min(step, UNIGRAM_TRAIN_BATCHES))
+      counts = count_targets(iter(make_dataset(exp, tok, "train", jax.process_index(),
+                                               jax.process_count())),
+                             exp.model.vocab_size, n_train)
+      valid = np.concatenate([masked_targets(b) for b in val_batches])
+      result["unigram_ppl"] = unigram_perplexity(counts, valid, exp.model.vocab_size)
+    logger.close()
+    ckpt.wait()
+    ckpt.close()
+
+  curve = plot_loss_curve(run_dir) if jax.process_index() == 0 else None
+  result.update(step=step, train_loss=losses[-1][1] if losses else math.nan,
+                losses=losses, best_val_loss=None if math.isinf(stopper.best) else stopper.best,
+                best_step=stopper.best_step, total_bad_steps=int(state.total_bad_steps),
+                loss_scale=float(state.loss_scale), run_dir=str(run_dir),
+                loss_curve=str(curve) if curve else None)
+  _print_summary(result)
+  return result
+
+
+def _print_summary(r: dict[str, Any]) -> None:
+  how = ("stopped by signal" if r["stopped_by_signal"] else "early-stopped" if r["early_stopped"]
+         else "stopped: too many non-finite steps" if r["stopped_by_bad_steps"] else "done")
+  parts = [f"step {r['step']} ({how})", f"train loss {r['train_loss']:.4f}"]
+  if "val_loss" in r:
+    parts += [f"val loss {r['val_loss']:.4f}", f"val ppl {r['val_ppl']:.2f}",
+              f"unigram ppl {r['unigram_ppl']:.2f}"]
+  print("lmx train: " + ", ".join(parts), file=sys.stderr)
+
+
+def cli_main(argv: list[str]) -> int:
+  """`lmx train --config=...`: run, then print the final metrics as one JSON line."""
+  from lmx.experiment import load_experiment
+  exp, _ = load_experiment(argv)
+  result = train(exp)
+  result.pop("losses", None)
+  print(json.dumps(result))
+  return 1 if result["stopped_by_bad_steps"] else 0

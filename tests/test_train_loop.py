@@ -1,0 +1,157 @@
+"""End-to-end runs of lmx.train.loop on a tiny model and a 40-document corpus."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import lmx.train.loop as loop
+from lmx.config import base_config, from_config_dict
+from lmx.eval import perplexity
+from lmx.train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {  # dotted overrides shared by the in-process runs and the CLI subprocess
+    "model.vocab_size": 512, "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
+    "model.n_kv_heads": 0, "model.max_seq_len": 32,
+    "data.seq_len": 32, "data.batch_size": 8, "data.max_docs": 40,
+    "data.tokenizer_sample_mb": 1, "data.validation_fraction": 0.1,
+    "train.warmup_steps": 2, "train.learning_rate": 3e-3, "train.log_every": 1,
+    "train.eval_every": 0, "train.eval_batches": 2, "train.progress_bar": False,
+    "checkpoint.every": 0, "checkpoint.async_save": False, "mesh.data": -1, "mesh.fsdp": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("lmx_cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Each train() call re-jits the same programs; a persistent cache makes reruns cheap."""
+  import jax
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  for k, v in zip(keys, (path, 0.0, 0)):
+    jax.config.update(k, v)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # shared with the CLI subprocess
+  yield path
+  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
+def make_exp(run_dir, cache_dir, **over):
+  c = base_config()
+  for k, v in {**TINY, "data.cache_dir": cache_dir, "train.steps": 8, **over}.items():
+    sec, f = k.split(".")
+    c[sec][f] = v
+  c.run_dir = str(run_dir)
+  return from_config_dict(c)
+
+
+def test_resume_is_bitwise_identical(tmp_path, cache_dir):
+  full = loop.train(make_exp(tmp_path / "a", cache_dir))
+  assert full["step"] == 8 and full["resumed_from"] is None
+  first = loop.train(make_exp(tmp_path / "b", cache_dir), stop_after=4)
+  assert first["step"] == 4
+  second = loop.train(make_exp(tmp_path / "b", cache_dir))
+  assert second["resumed_from"] == 4 and second["step"] == 8
+  a = [l for _, l in full["losses"]]
+  b = [l for _, l in first["losses"] + second["losses"]]
+  assert len(a) == 8 and a == b  # exact equality, not allclose
+  assert full["val_loss"] == second["val_loss"]
+  assert a[-1] < a[0]
+  # The run directory has the artifacts.
+  for f in ("metrics.jsonl", "loss_curve.png", "tensorboard"):
+    assert (tmp_path / "a" / f).exists(), f
+  assert full["val_ppl"] == pytest.approx(np.exp(full["val_loss"]))
+  assert full["val_ppl"] < full["unigram_ppl"] * 10  # sane, not a quality claim at 8 steps
+
+
+def test_consecutive_bad_steps_stop_the_run(tmp_path, cache_dir, monkeypatch):
+  calls = {"n": 0}
+  real = loop.put_batch
+
+  def poisoned(batch, mesh):  # from the 4th step on, an inf in the loss mask
+    calls["n"] += 1
+    if calls["n"] >= 4:
+      batch = dict(batch, loss_mask=batch["loss_mask"] * np.float32(np.inf))
+    return real(batch, mesh)
+
+  monkeypatch.setattr(loop, "put_batch", poisoned)
+  exp = make_exp(tmp_path, cache_dir, **{"train.max_bad_steps": 3, "checkpoint.every": 2,
+                                         "train.steps": 20})
+  r = loop.train(exp)
+  assert r["stopped_by_bad_steps"] and r["step"] == 3 + 3
+  assert r["last_good_checkpoint"] == 2 and "checkpoints/2" in r["message"]
+  assert r["total_bad_steps"] == 3
+  assert not (tmp_path / "checkpoints" / "6").exists()
+
+
+def test_early_stopping_on_stalled_validation(tmp_path, cache_dir, monkeypatch):
+  seq = iter([3.0, 2.0, 2.5, 2.5, 2.5, 2.5])
+
+  def fake_validation(eval_fn, params, batches, max_batches=None):
+    v = next(seq)
+    return {"val_loss": v, "val_ppl": float(np.exp(v)), "val_tokens": 1.0}
+
+  monkeypatch.setattr(loop, "validation_loss", fake_validation)
+  exp = make_exp(tmp_path, cache_dir, **{"train.eval_every": 2,
+                                         "train.early_stopping_patience": 2,
+                                         "train.steps": 20})
+  r = loop.train(exp)
+  # evals at 2 (3.0 best), 4 (2.0 best), 6 (no), 8 (no -> patience 2 reached)
+  assert r["early_stopped"] and r["step"] == 8
+  assert r["best_val_loss"] == 2.0 and r["best_step"] == 4
+  assert sorted(os.listdir(tmp_path / "best")) == ["4"]
+  evals = [x for x in read_metrics(tmp_path) if x["kind"] == "eval"]
+  assert [e["val_loss"] for e in evals][:4] == [3.0, 2.0, 2.5, 2.5]
+
+
+def test_sigterm_saves_and_rerun_resumes(tmp_path, cache_dir, capsys):
+  run_dir = tmp_path / "run"
+  args = [sys.executable, "-m", "lmx.cli", "train", "--config=experiments/default.py",
+          f"--config.run_dir={run_dir}", f"--config.data.cache_dir={cache_dir}",
+          "--config.train.steps=100000", "--config.train.warmup_steps=2"]
+  args += [f"--config.{k}={v}" for k, v in TINY.items() if k != "train.warmup_steps"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # keeps conftest's 8 fake devices
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_metrics(run_dir)) < 3:
+      assert proc.poll() is None, proc.communicate()[1][-2000:]
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err[-2000:]
+  res = json.loads(out.strip().splitlines()[-1])
+  assert res["stopped_by_signal"] and 3 <= res["step"] < 100000
+  saved = res["step"]
+  assert (run_dir / "checkpoints" / str(saved)).is_dir()
+  # A rerun resumes at the saved step (same experiment, a few more steps).
+  exp = make_exp(run_dir, cache_dir, **{"train.steps": 100000, "train.warmup_steps": 2})
+  r = loop.train(exp, max_steps=saved + 2)
+  assert r["resumed_from"] == saved and r["step"] == saved + 2
+  assert [s for s, _ in r["losses"]] == [saved + 1, saved + 2]
+  # `lmx evaluate` restores the latest checkpoint (no best/: eval_every=0) and reports.
+  capsys.readouterr()
+  argv = [f"--config={REPO}/experiments/default.py", f"--config.run_dir={run_dir}",
+          f"--config.data.cache_dir={cache_dir}"] + [f"--config.{k}={v}" for k, v in TINY.items()]
+  assert perplexity.cli_main(argv) == 0
+  ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert ev["step"] == saved + 2
+  assert ev["val_loss"] == pytest.approx(r["val_loss"], rel=1e-5)
+  assert 1.0 < ev["val_ppl"] < ev["unigram_ppl"] * 10

@@ -1,0 +1,59 @@
+"""Schedule values against the closed-form formula; the weight-decay mask."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lmx.config import TrainConfig
+from lmx.train.optimizer import decay_mask, make_optimizer, make_schedule
+
+
+def test_schedule_warmup_mid_end():
+  cfg = TrainConfig(steps=1000, warmup_steps=100, learning_rate=2e-3, min_lr_ratio=0.1)
+  s = make_schedule(cfg)
+  lr, lo = 2e-3, 2e-4
+  np.testing.assert_allclose(float(s(0)), 0.0, atol=1e-12)
+  np.testing.assert_allclose(float(s(50)), lr * 50 / 100, rtol=1e-6)
+  np.testing.assert_allclose(float(s(100)), lr, rtol=1e-6)  # warmup end = peak
+  mid = 100 + 450  # halfway through the cosine: (peak + floor) / 2
+  np.testing.assert_allclose(float(s(mid)), (lr + lo) / 2, rtol=1e-5)
+  q = 100 + 900 * 0.25
+  np.testing.assert_allclose(float(s(q)), lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * 0.25)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(s(1000)), lo, rtol=1e-5)
+  np.testing.assert_allclose(float(s(5000)), lo, rtol=1e-5)  # flat after the end
+
+
+def test_decay_mask_excludes_1d_params():
+  params = {"w": jnp.ones((3, 4)), "scale": jnp.ones((4,)), "bias": jnp.ones((4,)),
+            "e": jnp.ones((2, 3, 4))}
+  assert decay_mask(params) == {"w": True, "scale": False, "bias": False, "e": True}
+  # With zero gradients only the decayed params move: AdamW's decay is lr * wd * p.
+  cfg = TrainConfig(steps=10, warmup_steps=0, learning_rate=0.1, weight_decay=0.5,
+                    grad_clip=0.0)
+  opt = make_optimizer(cfg)
+  state = opt.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = opt.update(zeros, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["w"], 1 - 0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(new["e"], 1 - 0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(new["scale"], 1.0)
+  np.testing.assert_array_equal(new["bias"], 1.0)
+
+
+def test_clipping_bounds_update():
+  cfg = TrainConfig(steps=10, warmup_steps=0, learning_rate=1.0, weight_decay=0.0,
+                    grad_clip=1.0, beta1=0.0, beta2=0.0, eps=0.0)
+  opt = make_optimizer(cfg)
+  p = {"w": jnp.zeros((2, 2))}
+  g = {"w": jnp.full((2, 2), 100.0)}
+  # Clipped grad has norm 1 (entries 0.5); with b1=b2=0 Adam's update is sign(g) * lr.
+  u, _ = opt.update(g, opt.init(p), p)
+  np.testing.assert_allclose(u["w"], -1.0, rtol=1e-5)
+  clip = optax.clip_by_global_norm(1.0)
+  cg, _ = clip.update(g, clip.init(p))
+  np.testing.assert_allclose(float(optax.global_norm(cg)), 1.0, rtol=1e-6)

@@ -1,0 +1,150 @@
+"""The jitted train step: accumulation, sharding, overfitting, fp16 scaling, bad steps."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmx.config import MeshConfig, ModelConfig, TrainConfig
+from lmx.model import Transformer
+from lmx.parallel.mesh import make_mesh, use_mesh
+from lmx.train.optimizer import make_optimizer
+from lmx.train.state import init_train_state
+from lmx.train.step import jit_train_step, make_train_step
+
+MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
+B, T = 8, 16
+
+
+def batch(seed=0, b=B, mask_inf=False):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, MODEL.vocab_size, size=(b, T + 1)).astype(np.int32)
+  mask = (rng.random((b, T)) > 0.1).astype(np.float32)
+  if mask_inf:
+    mask[0, 0] = np.inf
+  return {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+          "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (b, T)).copy(),
+          "segment_ids": np.ones((b, T), np.int32), "loss_mask": mask}
+
+
+_CACHE = {}
+
+
+def setup(train: TrainConfig, mesh_cfg=MeshConfig(data=1), n_devices=1, model=MODEL):
+  """(mesh, fresh state, jitted step); compiled once per configuration and reused."""
+  key = (train, mesh_cfg, n_devices, model)
+  if key not in _CACHE:
+    mesh = make_mesh(mesh_cfg, jax.devices()[:n_devices])
+    opt = make_optimizer(train)
+    with use_mesh(mesh):
+      graphdef, rest, state = init_train_state(lambda rngs: Transformer(model, rngs=rngs), opt,
+                                               train, 0, mesh)
+      step = jit_train_step(make_train_step(graphdef, rest, opt, train), state, mesh)
+    _CACHE[key] = (mesh, host(state), jax.tree.map(lambda x: x.sharding, state), step)
+  mesh, state0, shardings, step = _CACHE[key]
+  return mesh, jax.device_put(state0, shardings), step
+
+
+def run(mesh, state, step, batches):
+  losses = []
+  with use_mesh(mesh):
+    for b in batches:
+      state, m = step(state, b)
+      losses.append(float(m["loss"]))
+  return state, losses
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+TRAIN = TrainConfig(steps=50, warmup_steps=2, learning_rate=1e-2, grad_clip=1.0)
+
+
+def test_grad_accumulation_equals_large_batch():
+  b = batch(1)
+  _, s1, step1 = setup(TRAIN)
+  mesh, s4, step4 = setup(dataclasses.replace(TRAIN, grad_accum_steps=4))
+  s1, l1 = run(mesh, s1, step1, [b, batch(2)])
+  s4, l4 = run(mesh, s4, step4, [b, batch(2)])
+  np.testing.assert_allclose(l4, l1, rtol=1e-6)
+  for a, c in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-6)
+  # The updates did something (so equality is not trivial).
+  _, s0, _ = setup(TRAIN)
+  assert not np.allclose(np.asarray(s0.params["embed"][...]), np.asarray(s1.params["embed"][...]))
+
+
+def test_sharded_matches_single_device_and_params_are_sharded():
+  assert jax.device_count() == 8
+  batches = [batch(i) for i in range(3)]
+  mesh1, s1, step1 = setup(TRAIN)
+  _, l1 = run(mesh1, s1, step1, batches)
+  mesh8, s8, step8 = setup(TRAIN, MeshConfig(data=2, fsdp=4), 8)
+  s8, l8 = run(mesh8, s8, step8, batches)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  # ('vocab', 'embed'): vocab -> tensor (size 1, dropped), embed -> fsdp.
+  emb = s8.params["embed"][...]
+  assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (64, 8)
+  # The Adam moments share the params' layout.
+  paths = jax.tree_util.tree_flatten_with_path(s8.opt_state)[0]
+  moments = [x for p, x in paths if "embed" in jax.tree_util.keystr(p)]
+  assert len(moments) == 2  # mu and nu
+  assert all(m.sharding.spec == emb.sharding.spec for m in moments)
+
+
+def test_tiny_model_overfits_one_batch():
+  mesh, state, step = setup(TRAIN)  # shares the compiled step with the tests above
+  b = batch(3)
+  state, losses = run(mesh, state, step, [b] * 50)
+  assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_nonfinite_step_leaves_state_unchanged_and_counts():
+  mesh, state, step = setup(TRAIN)
+  state, _ = run(mesh, state, step, [batch(0)])
+  before = host(state)
+  with use_mesh(mesh):
+    state, m = step(state, batch(1, mask_inf=True))
+  assert bool(m["bad_step"]) and bool(m["skipped"])
+  after = host(state)
+  for name in ("params", "opt_state", "step", "rng", "loss_scale"):
+    for a, c in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))):
+      np.testing.assert_array_equal(a, c)
+  assert int(after.consecutive_bad_steps) == 1 and int(after.total_bad_steps) == 1
+  with use_mesh(mesh):
+    state, m = step(state, batch(1, mask_inf=True))
+    assert int(state.consecutive_bad_steps) == 2
+    state, m = step(state, batch(2))
+  assert not bool(m["bad_step"])
+  assert int(state.consecutive_bad_steps) == 0 and int(state.total_bad_steps) == 2
+  assert int(state.step) == 2
+
+
+def test_fp16_loss_scale_halves_on_overflow_and_skips_update():
+  # A scale of 1e38 makes loss * scale overflow to inf in fp32 while the loss is finite.
+  train = dataclasses.replace(TRAIN, precision="float16", loss_scale_init=1e38,
+                              loss_scale_period=2)
+  # NOTE: the model computes in float32 here: the loss-scale logic does not depend on it,
+  # and XLA:CPU has no fp16 dot with fp32 accumulation.
+  mesh, state, step = setup(train)
+  before = host(state)
+  with use_mesh(mesh):
+    state, m = step(state, batch(0))
+  assert bool(m["skipped"]) and not bool(m["bad_step"]) and np.isfinite(float(m["loss"]))
+  np.testing.assert_allclose(float(state.loss_scale), 5e37, rtol=1e-6)
+  for a, c in zip(jax.tree.leaves(before.params), jax.tree.leaves(host(state.params))):
+    np.testing.assert_array_equal(a, c)
+  assert int(state.step) == 0 and int(state.consecutive_bad_steps) == 0
+  # Reset to a sane scale: two finite steps in a row double it (period=2).
+  state = state.replace(loss_scale=jnp.float32(1024.0))
+  with use_mesh(mesh):
+    state, m1 = step(state, batch(1))
+    assert float(state.loss_scale) == 1024.0 and int(state.good_steps) == 1
+    state, m2 = step(state, batch(2))
+  assert not bool(m1["skipped"]) and not bool(m2["skipped"])
+  assert float(state.loss_scale) == 2048.0 and int(state.step) == 2
