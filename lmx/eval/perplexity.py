@@ -82,7 +82,7 @@ def cli_main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="lmx evaluate")
   parser.add_argument("--checkpoint", default=None, help="run directory (default: run_dir)")
   parser.add_argument("--batches", type=int, default=0,
-                      help="validation batches (default: train.eval_batches; 0 there = all)")
+                      help="validation batches to use (default 0: the whole split)")
   args = parser.parse_args(rest)
   exp, _ = load_experiment(argv)
   mesh = make_mesh(exp.mesh)
@@ -96,7 +96,7 @@ def cli_main(argv: list[str]) -> int:
     params = treedef.unflatten([jax.device_put(x, s) for x, s in
                                 zip(leaves, jax.tree.leaves(state_shardings(params, mesh)))])
     eval_fn = jit_eval_step(make_eval_step(graphdef, other), params, mesh)
-    n = args.batches or exp.train.eval_batches or None
+    n = args.batches or None
     val = list(itertools.islice(iter(make_dataset(exp, tok, "validation")), n))
     out = validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val)
   train_counts = count_targets(iter(make_dataset(exp, tok, "train")), exp.model.vocab_size,

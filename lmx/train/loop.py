@@ -62,11 +62,12 @@ class _SignalFlag:
       signal.signal(s, h)
 
 
-def _validation_batches(exp: Experiment, tok) -> list[dict[str, np.ndarray]]:
+def _validation_batches(exp: Experiment, tok, limit: int | None) -> list[dict[str, np.ndarray]]:
+  """The first `limit` validation batches (periodic evals), or all of them (limit=None)."""
   if not exp.train.eval_batches:
     return []
   ds = make_dataset(exp, tok, "validation", jax.process_index(), jax.process_count())
-  return list(itertools.islice(iter(ds), exp.train.eval_batches))
+  return list(itertools.islice(iter(ds), limit))
 
 
 def train(exp: Experiment, *, max_steps: int | None = None,
@@ -88,7 +89,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
   ckpt = Checkpointer(run_dir, exp.checkpoint)
   stopper = EarlyStopping(cfg.early_stopping_patience)
   train_it = iter(make_dataset(exp, tok, "train", jax.process_index(), jax.process_count()))
-  val_batches = _validation_batches(exp, tok)
+  val_batches = _validation_batches(exp, tok, cfg.eval_batches)
 
   with use_mesh(mesh):
     graphdef, abstract, shardings, init = plan_train_state(
@@ -165,13 +166,15 @@ def train(exp: Experiment, *, max_steps: int | None = None,
       save(step)  # end of run, signal, stop_after (a no-op if this step is already saved)
     # On a signal (preemption) leave fast: the checkpoint is what matters.
     if val_batches and not result["stopped_by_signal"]:
-      if last_eval is not None and last_eval[0] == step:
-        final = last_eval[1]  # just evaluated at this step
-      else:
-        final = evaluate(state.params)
-        logger.log(step, final, kind="eval")
-        if stopper.update(step, final["val_loss"]):
-          ckpt.save_best(step, state.params, final["val_loss"])
+      if last_eval is None or last_eval[0] != step:
+        last = evaluate(state.params)
+        logger.log(step, last, kind="eval")
+        if stopper.update(step, last["val_loss"]):
+          ckpt.save_best(step, state.params, last["val_loss"])
+      # The reported figures use the WHOLE validation split, not the periodic subset.
+      val_batches = _validation_batches(exp, tok, None)
+      final = evaluate(state.params)
+      logger.log(step, final, kind="final_eval")
       result.update(final)
       # Unigram counts: targets of the first min(step, cap) train batches -- the batches this
       # run trained on, regenerated from a fresh iterator (the pipeline is deterministic).
@@ -201,7 +204,8 @@ def _print_summary(r: dict[str, Any]) -> None:
   parts = [f"step {r['step']} ({how})", f"train loss {r['train_loss']:.4f}"]
   if "val_loss" in r:
     parts += [f"val loss {r['val_loss']:.4f}", f"val ppl {r['val_ppl']:.2f}",
-              f"unigram ppl {r['unigram_ppl']:.2f}"]
+              f"unigram ppl {r['unigram_ppl']:.2f}",
+              f"unigram/model ppl ratio {r['unigram_ppl'] / r['val_ppl']:.1f}"]
   print("lmx train: " + ", ".join(parts), file=sys.stderr)
 
 
