@@ -27,6 +27,9 @@ COMMANDS = {
     "scaling": ("lmx.scaling.cli:cli_main", "fit Kaplan / Chinchilla scaling laws"),
 }
 
+# Commands that run on every host of a multi-process job (docs/multihost.md).
+DISTRIBUTED_COMMANDS = ("train", "evaluate", "generate")
+
 
 def _usage() -> str:
   lines = ["usage: lmx COMMAND [args]", "", "commands:"]
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   module, fn = COMMANDS[name][0].split(":")
   try:
+    if name in DISTRIBUTED_COMMANDS:
+      # Before any other JAX use: jax.distributed must start before the backends exist.
+      from lmx.parallel.distributed import initialize_from_env
+      initialize_from_env()
     return int(getattr(importlib.import_module(module), fn)(rest) or 0)
   except ConfigError as e:
     print(f"lmx {name}: {e}", file=sys.stderr)

@@ -4,7 +4,8 @@ Layout under `run_dir`:
     checkpoints/<step>/state   the TrainState pytree (params, Adam moments, step, RNG, loss
                                scale, bad-step counters), sharded arrays via OCDBT
     checkpoints/<step>/data    JSON: the data iterator state and the loop's own state
-                               (iteration count, early-stopping record)
+                               (iteration count, early-stopping record); with several
+                               processes {"per_process": [one such dict per process]}
     best/<step>/params         params of the best validation loss so far (one kept)
     best/<step>/meta           JSON {step, val_loss}
 
@@ -25,8 +26,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lmx.config import CheckpointConfig
+from lmx.parallel.distributed import allgather_json
 
 STATE_DIR, BEST_DIR = "checkpoints", "best"
+# Multi-process runs save the data item as {PER_PROCESS_KEY: [state of process 0, 1, ...]}.
+PER_PROCESS_KEY = "per_process"
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -44,9 +48,15 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def _manager(directory: pathlib.Path, keep: int, async_save: bool, items: tuple[str, ...]):
+  # NOTE: a distinct barrier prefix per manager. With several processes, Orbax syncs them at
+  # barriers named by fixed keys; the latest and best managers (and their async finalize
+  # threads) would otherwise meet at the same key at once, which the coordination service
+  # rejects ("Barrier ThreadSaveMultiHostValueHolder:set_value_start is already ongoing").
+  mp = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                       enable_async_checkpointing=async_save,
-                                      cleanup_tmp_directories=True)
+                                      cleanup_tmp_directories=True,
+                                      multiprocessing_options=mp)
   return ocp.CheckpointManager(directory.absolute(), options=opts, item_names=items)
 
 
@@ -73,6 +83,10 @@ class Checkpointer:
     """Save (asynchronously if configured); a step already on disk is left alone."""
     if step in self.latest.all_steps():
       return
+    if jax.process_count() > 1:
+      # JsonSave writes on process 0 only, but every host has its own data position:
+      # gather them all (every process must call this, as it must call save).
+      data_state = {PER_PROCESS_KEY: allgather_json(data_state)}
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(data_state)),
                      force=True)
@@ -94,7 +108,15 @@ class Checkpointer:
     target = abstract_with_shardings(abstract_state, shardings)
     out = self.latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return out.state, out.data, step
+    data = out.data
+    if PER_PROCESS_KEY in data or jax.process_count() > 1:
+      per = data.get(PER_PROCESS_KEY, [data])
+      if len(per) != jax.process_count():
+        raise ValueError(f"checkpoint {self.path(step)} holds the data position of {len(per)} "
+                         f"process(es); resuming needs the same process count, not "
+                         f"{jax.process_count()}")
+      data = per[jax.process_index()]
+    return out.state, data, step
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

@@ -28,6 +28,7 @@ from lmx.data.tokenizer import load_or_train_tokenizer
 from lmx.eval.perplexity import (UNIGRAM_TRAIN_BATCHES, count_targets, masked_targets,
                                  unigram_perplexity, validation_loss)
 from lmx.model import Transformer
+from lmx.parallel.distributed import is_primary, primary_first
 from lmx.parallel.mesh import make_mesh, use_mesh
 from lmx.train.checkpoint import Checkpointer
 from lmx.train.early_stopping import EarlyStopping
@@ -83,12 +84,15 @@ def train(exp: Experiment, *, max_steps: int | None = None,
   run_dir = pathlib.Path(exp.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh(exp.mesh)
-  tok = load_or_train_tokenizer(exp)
+  # Process 0 fills the shared cache (tokenizer, shards) first; the others then load it.
+  tok = primary_first(lambda: load_or_train_tokenizer(exp), "lmx_tokenizer")
   model_cfg = model_config_for_training(exp)  # compute dtype = train.precision
   optimizer = make_optimizer(cfg)
   ckpt = Checkpointer(run_dir, exp.checkpoint)
   stopper = EarlyStopping(cfg.early_stopping_patience)
-  train_it = iter(make_dataset(exp, tok, "train", jax.process_index(), jax.process_count()))
+  train_it = iter(primary_first(
+      lambda: make_dataset(exp, tok, "train", jax.process_index(), jax.process_count()),
+      "lmx_shards"))
   val_batches = _validation_batches(exp, tok, cfg.eval_batches)
 
   with use_mesh(mesh):
@@ -119,7 +123,9 @@ def train(exp: Experiment, *, max_steps: int | None = None,
       ckpt.save(at, state, {"iterator": train_it.get_state(), "step": at,
                             "early_stopping": stopper.state_dict()})
 
-    logger = MetricsLogger(run_dir, total, step, cfg.progress_bar and jax.process_index() == 0)
+    # Process 0 owns run_dir's metrics; the others log to their own folder (no interleaving).
+    log_dir = run_dir if is_primary() else run_dir / f"process_{jax.process_index()}"
+    logger = MetricsLogger(log_dir, total, step, cfg.progress_bar and is_primary())
     result: dict[str, Any] = {"stopped_by_signal": False, "early_stopped": False,
                               "stopped_by_bad_steps": False, "resumed_from": resumed_from}
     losses: list[tuple[int, float]] = []
@@ -183,19 +189,34 @@ def train(exp: Experiment, *, max_steps: int | None = None,
                                                jax.process_count())),
                              exp.model.vocab_size, n_train)
       valid = np.concatenate([masked_targets(b) for b in val_batches])
+      if jax.process_count() > 1:  # each host saw its slice only: add up the histograms
+        counts, valid = _sum_over_processes(counts, valid, exp.model.vocab_size)
       result["unigram_ppl"] = unigram_perplexity(counts, valid, exp.model.vocab_size)
     logger.close()
     ckpt.wait()
     ckpt.close()
 
-  curve = plot_loss_curve(run_dir) if jax.process_index() == 0 else None
+  curve = plot_loss_curve(run_dir) if is_primary() else None
   result.update(step=step, train_loss=losses[-1][1] if losses else math.nan,
                 losses=losses, best_val_loss=None if math.isinf(stopper.best) else stopper.best,
                 best_step=stopper.best_step, total_bad_steps=int(state.total_bad_steps),
                 loss_scale=float(state.loss_scale), run_dir=str(run_dir),
-                loss_curve=str(curve) if curve else None)
+                loss_curve=str(curve) if curve else None,
+                process_index=jax.process_index(), process_count=jax.process_count())
   _print_summary(result)
   return result
+
+
+def _sum_over_processes(counts: np.ndarray, valid: np.ndarray,
+                        vocab: int) -> tuple[np.ndarray, np.ndarray]:
+  """Global train-target counts and validation targets from every host's share. The
+  validation ids come back sorted (a histogram), which a mean log-probability ignores."""
+  from jax.experimental import multihost_utils
+  hist = np.bincount(valid, minlength=vocab)[:vocab]
+  # int32 on the wire (x64 is off): fine below 2**31 tokens per id.
+  both = np.stack([counts, hist]).astype(np.int32)  # (2, V)
+  total = np.asarray(multihost_utils.process_allgather(both)).astype(np.int64).sum(0)
+  return total[0], np.repeat(np.arange(vocab), total[1])
 
 
 def _print_summary(r: dict[str, Any]) -> None:
