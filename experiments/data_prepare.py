@@ -4,10 +4,13 @@
     lmx data prepare --config=experiments/data_prepare.py --config.data.corpus=/my/texts \
         --config.prepare.output_dir=data/mine --config.prepare.pii=True
 
-Takes ~2-4 minutes on 2 CPU cores for the ~13k stdlib documents. Expect the boilerplate report
-to list the PSF license / copyright header lines and the dedup report a few hundred near-
-duplicate files (tests copied between packages, generated encodings tables). Train on the
-result with `--config.data.corpus=data/stdlib_clean`.
+Takes ~2 minutes on 2 CPU cores for the 1,841 stdlib documents (Python 3.11), most of it the
+quality model. Expect (measured): 99 documents dropped by the heuristic filters, 147
+boilerplate lines cut from 90 files (the PSF license / copyright headers), 8 exact and 31 near
+duplicates removed (generated codec tables, importlib test packages) plus 1 training twin of a
+validation document, 34 documents (2%) dropped by the quality model: 1,841 -> 1,668.
+Re-running gives the same output hash. Train on the result with
+`--config.data.corpus=data/stdlib_clean`.
 """
 
 import ml_collections
@@ -69,10 +72,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.quality = ml_collections.ConfigDict(dict(
       enabled=True,
       drop_fraction=0.02,  # the 2% least model-like documents.
-      scorer="char_ngram",  # char_ngram | lmx_model (Python API; see docs/data.md)
-      order=5,
-      reference_docs=500,  # evenly spaced survivors the scorer is fitted on.
+      scorer="lmx_model",  # lmx_model (a small lmx LM, bits/byte) | char_ngram (fast)
+      order=5,  # byte n-gram order (char_ngram only)
+      reference="",  # '' = a hash-sample of the input itself; 'stdlib' or a corpus path
+      reference_docs=500,  # documents the scorer is fitted on.
       max_chars=4000,  # characters scored per document.
+      d_model=64,  # lmx_model: reference model width (multiple of 32)
+      n_layers=2,  # lmx_model: blocks
+      vocab_size=1024,  # lmx_model: SentencePiece pieces
+      seq_len=128,  # lmx_model: training rows and scoring windows, in tokens
+      batch_size=16,  # lmx_model: sequences per step
+      steps=300,  # lmx_model: optimizer steps (~1 min on 2 CPU cores)
+      learning_rate=3e-3,  # lmx_model: peak AdamW LR
   ))
   c.prepare = p
   return c

@@ -277,24 +277,44 @@ def run_prepare(pcfg: PrepareConfig, documents: Iterable, validation_fraction: f
   return summary
 
 
+def _reference_texts(q, stage2: pathlib.Path, survivors: list[str]) -> list[str]:
+  """Reference documents (first `max_chars` each): `reference_docs` evenly spaced survivors,
+  or a hash-sample of the `reference` corpus ('stdlib' or a path)."""
+  if not q.reference:
+    step = max(1, len(survivors) // max(1, q.reference_docs))
+    ref_ids = set(survivors[::step])
+    return [rec["text"][:q.max_chars] for rec in _read_jsonl(stage2) if rec["id"] in ref_ids]
+  from lmx.config import DataConfig
+  from lmx.data.corpus import iter_documents
+  try:
+    docs = iter_documents(DataConfig(corpus=q.reference))
+  except FileNotFoundError as e:
+    raise ValueError(f"Invalid config: `prepare.quality.reference`: {e}.") from None
+  return quality.reference_sample(((d.id, d.text[:q.max_chars]) for d in docs),
+                                  q.reference_docs)
+
+
 def _quality_pass(pcfg, stage2: pathlib.Path, drops: dict[str, str], r, verbose: bool) -> None:
   """Score the survivors, drop the worst `drop_fraction` (adds to `drops`)."""
   q = pcfg.quality
   t0 = time.perf_counter()
   survivors = [rec["id"] for rec in _read_jsonl(stage2) if rec["id"] not in drops]
-  step = max(1, len(survivors) // max(1, q.reference_docs))
-  ref_ids = set(survivors[::step])
+  ref_texts = _reference_texts(q, stage2, survivors)
+  info: dict[str, Any] = {}
   if q.scorer == "lmx_model":
-    raise ValueError("Invalid config: `prepare.quality.scorer`='lmx_model' needs a trained "
-                     "checkpoint; call lmx.data.quality.lmx_model_scorer from Python and pass "
-                     "it to run_quality_filter (see docs/data.md).")
-  scorer = quality.CharNgramScorer(q.order).fit(
-      [rec["text"][:q.max_chars] for rec in _read_jsonl(stage2) if rec["id"] in ref_ids])
-  ids, scores = [], []
+    model, tok, info = quality.train_reference_model(ref_texts, q, stage2.parent / "quality")
+    scorer = quality.lmx_model_scorer(model, tok, q.seq_len, q.batch_size)
+  else:
+    scorer = quality.CharNgramScorer(q.order).fit(ref_texts)
+  t_fit = time.perf_counter()
+  ids, texts = [], []
   for rec in _read_jsonl(stage2):
     if rec["id"] not in drops:
       ids.append(rec["id"])
-      scores += scorer([rec["text"][:q.max_chars]])
+      texts.append(rec["text"][:q.max_chars])
+  scores = []
+  for i in range(0, len(texts), 256):  # bounded memory; the lmx scorer batches inside
+    scores += scorer(texts[i:i + 256])
   thr = quality.quality_threshold(scores, q.drop_fraction)
   r.docs_in = len(ids)
   worst = sorted(zip(scores, ids), reverse=True)
@@ -304,10 +324,19 @@ def _quality_pass(pcfg, stage2: pathlib.Path, drops: dict[str, str], r, verbose:
       r.count("low_quality", 1, i, f"{s:.3f} bits/byte")
   r.docs_out = r.docs_in - r.counts["low_quality"]
   r.extra.update({"threshold_bits_per_byte": thr, "scorer": q.scorer,
-                  "reference_docs": len(ref_ids),
+                  "reference": q.reference or "input", "reference_docs": len(ref_texts),
                   "median_bits_per_byte": float(sorted(scores)[len(scores) // 2]) if scores
-                  else None})
+                  else None,
+                  "fit_seconds": round(t_fit - t0, 2),
+                  "score_seconds": round(time.perf_counter() - t_fit, 2)})
+  if info:  # the run folder lives under .work/, which is deleted at the end
+    r.extra["model"] = {k: v for k, v in info.items() if k != "checkpoint"}
   r.seconds = time.perf_counter() - t0
+  if verbose:
+    size = (f", model d{info['d_model']}x{info['n_layers']} ({info['params']} params, "
+            f"{info['reference_tokens']} reference tokens)" if info else "")
+    print(f"quality: {q.scorer}{size}; threshold {thr:.3f} bits/byte, dropped "
+          f"{r.counts['low_quality']} of {len(ids)}", file=sys.stderr)
 
 
 def format_table(reports: dict[str, dict], summary: dict) -> str:
