@@ -23,6 +23,16 @@ from lmx.scaling import chinchilla  # noqa: E402
 from lmx.scaling.results import Runs, group_budgets  # noqa: E402
 
 
+
+def _finish(fig, ax, path: str) -> str:
+  """Legend, readable log ticks, save as PNG, free the figure."""
+  ax.legend(fontsize=7)
+  ax.xaxis.set_minor_formatter(NullFormatter())  # minor log-tick labels overlap
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
 def _cgrid(runs: Runs, budget: float) -> np.ndarray:
   lo, hi = np.log10(runs.flops.min()), np.log10(max(runs.flops.max(), budget))
   return np.logspace(lo - 0.2, hi + 0.2, 100)
@@ -39,12 +49,7 @@ def plot_isoflop(runs: Runs, fit, path: str) -> str:
     ax.plot(np.exp(x), np.polyval(coef, x), color=color, lw=1)
     ax.axvline(n_opt, color=color, ls=":", lw=0.8)
   ax.set(xscale="log", xlabel="parameters N", ylabel="final loss", title="IsoFLOP curves")
-  ax.legend(fontsize=7)
-  ax.xaxis.set_minor_formatter(NullFormatter())  # minor log-tick labels overlap
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _finish(fig, ax, path)
 
 
 def plot_frontier(runs: Runs, approach: str, fit, summary: dict, path: str) -> str:
@@ -70,12 +75,7 @@ def plot_frontier(runs: Runs, approach: str, fit, summary: dict, path: str) -> s
     ax.fill_between(c, lo, hi, color="C0", alpha=0.25, label="95% bootstrap band")
   ax.set(xscale="log", xlabel="training FLOPs C", ylabel="loss",
          title=f"loss vs compute (approach {approach})")
-  ax.legend(fontsize=7)
-  ax.xaxis.set_minor_formatter(NullFormatter())  # minor log-tick labels overlap
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _finish(fig, ax, path)
 
 
 def plot_allocation(runs: Runs, approach: str, fit, path: str) -> str:
@@ -94,12 +94,7 @@ def plot_allocation(runs: Runs, approach: str, fit, path: str) -> str:
   ax.plot(c, d_fit, color="C1", label="D_opt(C)")
   ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="N or D",
          title=f"compute-optimal allocation (approach {approach})")
-  ax.legend(fontsize=7)
-  ax.xaxis.set_minor_formatter(NullFormatter())  # minor log-tick labels overlap
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _finish(fig, ax, path)
 
 
 def write_plots(runs: Runs, approach: str, fit, summary: dict, out_dir: str) -> list[str]:

@@ -95,34 +95,32 @@ def load_plan(sweep_dir: str) -> list[dict]:
   return out
 
 
+def _jsonl_records(path: str):
+  """Dict records of a JSONL file (none if it is missing); lines cut by an interruption
+  are skipped."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    for line in f:
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(r, dict):
+        yield r
+
+
 def finished_runs(sweep_dir: str) -> set[str]:
-  path = os.path.join(sweep_dir, RESULTS)
-  done = set()
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut by an interruption
-        if isinstance(r, dict) and r.get("kind") == "final":
-          done.add(r.get("run"))
-  return done
+  return {r.get("run") for r in _jsonl_records(os.path.join(sweep_dir, RESULTS))
+          if r.get("kind") == "final"}
 
 
 def _eval_history(run_dir: str) -> list[tuple[int, float]]:
   """(step, val_loss) of every validation the trainer logged, last record per step."""
   hist: dict[int, float] = {}
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if r.get("kind") == "eval" and "val_loss" in r:
-          hist[int(r["step"])] = float(r["val_loss"])
+  for r in _jsonl_records(os.path.join(run_dir, "metrics.jsonl")):
+    if r.get("kind") == "eval" and "val_loss" in r:
+      hist[int(r["step"])] = float(r["val_loss"])
   return sorted(hist.items())
 
 
