@@ -38,10 +38,10 @@ def get_config(arg: str | None = None):
   d.batch_size = 16  # sequences per optimizer step (4,096 tokens)
 
   t = c.train
-  t.steps = 1000  # optimizer steps (~4.1M tokens)
+  t.steps = 1400  # optimizer steps (~5.7M tokens)
   t.learning_rate = 4e-3  # peak AdamW LR
   t.warmup_steps = 100  # linear warmup
-  t.min_lr_ratio = 0.1  # cosine floor
+  t.min_lr_ratio = 0.0  # cosine decays to zero
   t.weight_decay = 0.1  # decoupled decay, not on norms/biases
   t.grad_clip = 1.0  # global-norm clip
   t.precision = "float32"  # CPU: fp32 is fastest; bfloat16 on TPU/GPU

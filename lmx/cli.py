@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from lmx.config import ConfigError
+from lmx.runtime import keep_host_memory
 
 # subcommand -> "module:function"; the function takes argv (after the subcommand) and
 # returns an exit code. Imported lazily so `lmx info` does not pay for the trainer.
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lmx: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
   module, fn = COMMANDS[name][0].split(":")
+  keep_host_memory()  # before JAX starts its CPU threads (see lmx/runtime.py)
   try:
     if name in DISTRIBUTED_COMMANDS:
       # Before any other JAX use: jax.distributed must start before the backends exist.

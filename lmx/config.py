@@ -169,6 +169,9 @@ class TrainConfig:
   precision: str = "float32"  # float32 | bfloat16 | float16 (fp16 uses dynamic loss scaling)
   grad_accum_steps: int = 1  # microbatches per optimizer step.
   z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM); 0 disables.
+  # Tokens (batch rows x sequence positions) per chunk of the LM head + softmax; the full
+  # (B, T, V) logits are never held. 0: one pass over the full logits.
+  loss_chunk_tokens: int = 512
   log_every: int = 10
   eval_every: int = 100  # 0 disables periodic validation.
   eval_batches: int = 8
@@ -198,7 +201,7 @@ class TrainConfig:
     _positive("train.loss_scale_period", self.loss_scale_period)
     if not (isinstance(self.loss_scale_init, (int, float)) and self.loss_scale_init >= 1):
       _fail("train.loss_scale_init", f"is {self.loss_scale_init!r}; it must be >= 1")
-    for f in ("eval_every", "eval_batches", "early_stopping_patience"):
+    for f in ("eval_every", "eval_batches", "early_stopping_patience", "loss_chunk_tokens"):
       v = getattr(self, f)
       if not isinstance(v, int) or v < 0:
         _fail(f"train.{f}", f"is {v!r}; it must be an integer >= 0")

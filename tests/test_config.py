@@ -29,6 +29,7 @@ def _exp(**overrides):
     ({"data__seq_len": 0}, "data.seq_len"),
     ({"mesh__data": 0}, "mesh.data"),
     ({"sample__top_p": 0.0}, "sample.top_p"),
+    ({"train__loss_chunk_tokens": -1}, "train.loss_chunk_tokens"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
   with pytest.raises(ConfigError) as e:

@@ -78,6 +78,23 @@ def test_grad_accumulation_equals_large_batch():
   assert not np.allclose(np.asarray(s0.params["embed"][...]), np.asarray(s1.params["embed"][...]))
 
 
+def test_chunked_loss_step_equals_full_logits_step():
+  """train.loss_chunk_tokens only changes how the head+loss is computed, not the update."""
+  bs = [batch(1), batch(2)]
+  mesh, s_full, step_full = setup(dataclasses.replace(TRAIN, loss_chunk_tokens=0))
+  _, s_chunk, step_chunk = setup(dataclasses.replace(TRAIN, loss_chunk_tokens=32))  # 4 pos.
+  s_full, l_full = run(mesh, s_full, step_full, bs)
+  s_chunk, l_chunk = run(mesh, s_chunk, step_chunk, bs)
+  np.testing.assert_allclose(l_chunk, l_full, rtol=1e-6)
+  for a, c in zip(jax.tree.leaves(s_full.params), jax.tree.leaves(s_chunk.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-6)
+  # The same chunked step on 8 devices (batch over data x fsdp, params over fsdp).
+  mesh8, s8, step8 = setup(dataclasses.replace(TRAIN, loss_chunk_tokens=32),
+                           MeshConfig(data=2, fsdp=4), 8)
+  _, l8 = run(mesh8, s8, step8, bs)
+  np.testing.assert_allclose(l8, l_full, rtol=1e-5)
+
+
 def test_sharded_matches_single_device_and_params_are_sharded():
   assert jax.device_count() == 8
   batches = [batch(i) for i in range(3)]

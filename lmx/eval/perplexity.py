@@ -95,7 +95,8 @@ def cli_main(argv: list[str]) -> int:
     leaves, treedef = jax.tree.flatten(params)
     params = treedef.unflatten([jax.device_put(x, s) for x, s in
                                 zip(leaves, jax.tree.leaves(state_shardings(params, mesh)))])
-    eval_fn = jit_eval_step(make_eval_step(graphdef, other), params, mesh)
+    eval_fn = jit_eval_step(make_eval_step(graphdef, other, exp.train.loss_chunk_tokens), params,
+                            mesh)
     n = args.batches or None
     val = list(itertools.islice(iter(make_dataset(exp, tok, "validation")), n))
     out = validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val)

@@ -75,6 +75,12 @@ def _block_forward(block: Block, x, positions, segment_ids):
   return block(x, positions, segment_ids)
 
 
+def head_logits(x: jax.Array, w: jax.Array) -> jax.Array:
+  """(..., T, D) hidden states times the (D, V) head -> float32 logits (..., T, V)."""
+  logits = jnp.einsum("...TD,DV->...TV", x, w, preferred_element_type=jnp.float32)
+  return constrain(logits, ("batch", "seq", "vocab")) if logits.ndim == 3 else logits
+
+
 class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -97,21 +103,18 @@ class Transformer(nnx.Module):
       x = x + sinusoidal(positions, self.cfg.d_model)
     return constrain(x.astype(dtype), _ACT)
 
+  def head_weight(self) -> jax.Array:
+    """The (D, V) output projection in the compute dtype (the embedding's transpose if tied)."""
+    w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    return w.astype(compute_dtype(self.cfg))
+
   def _logits(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> float32 (B, T, V)
-    x = self.final_norm(x)
-    w = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # (D, V)
-    logits = jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "seq", "vocab"))
+    return head_logits(self.final_norm(x), self.head_weight())
 
-  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """Logits float32 (B, T, V) for int32 tokens (B, T).
-
-    positions default to 0..T-1 per row. segment_ids (B, T) restrict attention to tokens of
-    the same packed document (0 = padding); packed data should pass positions that restart
-    at 0 in each segment.
-    """
+  def hidden(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final-normed hidden states (B, T, D) in the compute dtype: everything but the LM
+    head, so a loss can apply `head_weight()` chunk by chunk (`lmx.train.loss`)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = self._embed(tokens, positions)
@@ -121,7 +124,18 @@ class Transformer(nnx.Module):
       fn = nnx.remat(_block_forward, policy=_REMAT_POLICIES[self.cfg.remat])
     for block in self.blocks:
       x = fn(block, x, positions, segment_ids)
-    return self._logits(x)
+    return self.final_norm(x)
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Logits float32 (B, T, V) for int32 tokens (B, T).
+
+    positions default to 0..T-1 per row. segment_ids (B, T) restrict attention to tokens of
+    the same packed document (0 = padding); packed data should pass positions that restart
+    at 0 in each segment.
+    """
+    x = self.hidden(tokens, positions=positions, segment_ids=segment_ids)
+    return head_logits(x, self.head_weight())
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""

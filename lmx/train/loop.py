@@ -30,6 +30,7 @@ from lmx.eval.perplexity import (UNIGRAM_TRAIN_BATCHES, count_targets, masked_ta
 from lmx.model import Transformer
 from lmx.parallel.distributed import is_primary, primary_first
 from lmx.parallel.mesh import make_mesh, use_mesh
+from lmx.runtime import release_free_memory
 from lmx.train.checkpoint import Checkpointer
 from lmx.train.early_stopping import EarlyStopping
 from lmx.train.metrics import MetricsLogger, plot_loss_curve
@@ -94,6 +95,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
       lambda: make_dataset(exp, tok, "train", jax.process_index(), jax.process_count()),
       "lmx_shards"))
   val_batches = _validation_batches(exp, tok, cfg.eval_batches)
+  release_free_memory()  # what tokenizer training / sharding freed (lmx/runtime.py)
 
   with use_mesh(mesh):
     graphdef, abstract, shardings, init = plan_train_state(
@@ -114,7 +116,8 @@ def train(exp: Experiment, *, max_steps: int | None = None,
       print(f"lmx train: resumed from {ckpt.path(step)}", file=sys.stderr)
     train_step = jit_train_step(make_train_step(graphdef, rest, optimizer, cfg), abstract[0],
                                 mesh)
-    eval_fn = jit_eval_step(make_eval_step(graphdef, rest), abstract[0].params, mesh)
+    eval_fn = jit_eval_step(make_eval_step(graphdef, rest, cfg.loss_chunk_tokens),
+                            abstract[0].params, mesh)
 
     def evaluate(params) -> dict[str, float]:
       return validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val_batches)

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmx.config import TrainConfig
 from lmx.parallel.mesh import constrain, named_sharding, state_shardings
-from lmx.train.loss import lm_loss
+from lmx.train.loss import chunked_lm_loss, lm_loss
 from lmx.train.optimizer import make_schedule
 from lmx.train.precision import MIN_SCALE, update_loss_scale, uses_loss_scaling
 from lmx.train.state import TrainState
@@ -26,9 +26,18 @@ Batch = dict[str, jax.Array]
 BATCH_NAMES = ("batch", "seq")
 
 
-def _forward(graphdef, rest, params, batch: Batch) -> jax.Array:
+def batch_loss(graphdef, rest, params, batch: Batch, z_loss: float = 0.0,
+               chunk_tokens: int = 0) -> tuple[jax.Array, dict]:
+  """`lm_loss` of the model on a batch; with chunk_tokens > 0 the LM head and softmax run
+  a chunk of sequence positions at a time (`chunked_lm_loss`, same value)."""
   model = nnx.merge(graphdef, params, rest) if rest is not None else nnx.merge(graphdef, params)
-  return model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+  kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+  if chunk_tokens:
+    h = model.hidden(batch["inputs"], **kw)
+    return chunked_lm_loss(h, model.head_weight(), batch["targets"], batch["loss_mask"],
+                           z_loss, chunk_tokens)
+  logits = model(batch["inputs"], **kw)  # (B, T, V) float32
+  return lm_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
 def _split_microbatches(batch: Batch, k: int) -> Batch:
@@ -61,8 +70,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
   scaled = uses_loss_scaling(cfg.precision)
 
   def summed_loss(params, micro: Batch, scale):
-    logits = _forward(graphdef, rest, params, micro)  # (b, T, V) float32
-    _, aux = lm_loss(logits, micro["targets"], micro["loss_mask"], cfg.z_loss)
+    _, aux = batch_loss(graphdef, rest, params, micro, cfg.z_loss, cfg.loss_chunk_tokens)
     return (aux["ce_sum"] + aux["z_sum"]) * scale, aux
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -126,14 +134,13 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State | None):
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State | None, chunk_tokens: int = 0):
   """`eval_step(params, batch) -> (ce_sum, n_tokens)`: summed cross entropy (no z-loss)
   and the count of masked-in tokens, for exact averaging over many batches."""
 
   def eval_step(params: nnx.State, batch: Batch):
     batch = jax.tree.map(lambda x: constrain(x, BATCH_NAMES), batch)
-    logits = _forward(graphdef, rest, params, batch)
-    _, aux = lm_loss(logits, batch["targets"], batch["loss_mask"])
+    _, aux = batch_loss(graphdef, rest, params, batch, 0.0, chunk_tokens)
     return aux["ce_sum"], aux["n_tokens"]
 
   return eval_step
