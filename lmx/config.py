@@ -159,7 +159,9 @@ class TrainConfig:
 
   steps: int = 1000
   learning_rate: float = 3e-3  # peak LR after warmup.
-  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio.
+  min_lr_ratio: float = 0.1  # the schedule ends at learning_rate * min_lr_ratio.
+  schedule: str = "cosine"  # cosine | wsd (warmup, stable at the peak, linear decay)
+  decay_fraction: float = 0.2  # wsd only: share of `steps` spent in the final decay.
   warmup_steps: int = 100
   weight_decay: float = 0.1
   beta1: float = 0.9
@@ -187,6 +189,9 @@ class TrainConfig:
     _positive("train.max_bad_steps", self.max_bad_steps)
     _positive("train.log_every", self.log_every)
     _choice("train.precision", self.precision, ("float32", "bfloat16", "float16"))
+    _choice("train.schedule", self.schedule, ("cosine", "wsd"))
+    if not (isinstance(self.decay_fraction, (int, float)) and 0.0 < self.decay_fraction <= 1.0):
+      _fail("train.decay_fraction", f"is {self.decay_fraction!r}; it must be in (0, 1]")
     if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
       _fail("train.learning_rate", f"is {self.learning_rate!r}; it must be > 0")
     if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -30,6 +30,8 @@ def _exp(**overrides):
     ({"mesh__data": 0}, "mesh.data"),
     ({"sample__top_p": 0.0}, "sample.top_p"),
     ({"train__loss_chunk_tokens": -1}, "train.loss_chunk_tokens"),
+    ({"train__schedule": "linear"}, "train.schedule"),
+    ({"train__decay_fraction": 0.0}, "train.decay_fraction"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
   with pytest.raises(ConfigError) as e:

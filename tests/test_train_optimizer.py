@@ -27,6 +27,25 @@ def test_schedule_warmup_mid_end():
   np.testing.assert_allclose(float(s(5000)), lo, rtol=1e-5)  # flat after the end
 
 
+def test_wsd_schedule_warmup_stable_linear_decay():
+  cfg = TrainConfig(steps=1000, warmup_steps=100, learning_rate=2e-3, min_lr_ratio=0.1,
+                    schedule="wsd", decay_fraction=0.2).validate()
+  s = make_schedule(cfg)
+  lr, lo = 2e-3, 2e-4
+  np.testing.assert_allclose(float(s(50)), lr / 2, rtol=1e-6)  # same warmup as cosine
+  for step in (100, 500, 800):  # stable at the peak until the last 20% (step 800)
+    np.testing.assert_allclose(float(s(step)), lr, rtol=1e-6)
+  np.testing.assert_allclose(float(s(900)), (lr + lo) / 2, rtol=1e-5)  # linear: halfway
+  np.testing.assert_allclose(float(s(1000)), lo, rtol=1e-5)
+  np.testing.assert_allclose(float(s(3000)), lo, rtol=1e-5)
+  # A decay longer than the post-warmup span is cut to it: it starts at the warmup's end
+  # and still reaches the floor at `steps`.
+  short = make_schedule(TrainConfig(steps=100, warmup_steps=50, learning_rate=1.0,
+                                    min_lr_ratio=0.0, schedule="wsd", decay_fraction=1.0))
+  np.testing.assert_allclose([float(short(x)) for x in (50, 75, 100)], [1.0, 0.5, 0.0],
+                             atol=1e-6)
+
+
 def test_decay_mask_excludes_1d_params():
   params = {"w": jnp.ones((3, 4)), "scale": jnp.ones((4,)), "bias": jnp.ones((4,)),
             "e": jnp.ones((2, 3, 4))}

@@ -1,4 +1,5 @@
-"""AdamW with warmup + cosine schedule, global-norm clipping and no decay on 1-D params."""
+"""AdamW with a warmup + cosine or warmup-stable-decay schedule, global-norm clipping and no
+decay on 1-D params."""
 
 from __future__ import annotations
 
@@ -10,17 +11,33 @@ from lmx.config import TrainConfig
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup 0 -> learning_rate over warmup_steps, then cosine down to
-  learning_rate * min_lr_ratio at step `steps` (and flat after)."""
+  """Linear warmup 0 -> learning_rate over warmup_steps, then down to
+  learning_rate * min_lr_ratio at step `steps` (and flat after):
+
+  cosine: a half cosine over all post-warmup steps.
+  wsd:    warmup-stable-decay -- flat at the peak, then linear down over the last
+          `decay_fraction` of the steps. Lets the LR stay high while a small model is still
+          learning fast, and (as in MiniCPM's scaling studies) any prefix of a run is a
+          valid run to branch a decay from.
+  """
   peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-  warmup, decay = cfg.warmup_steps, max(cfg.steps - cfg.warmup_steps, 1)
+  warmup = cfg.warmup_steps
+  if cfg.schedule == "wsd":
+    # The decay never overlaps the warmup: it is cut to the post-warmup span if need be.
+    decay = max(min(int(round(cfg.decay_fraction * cfg.steps)), cfg.steps - warmup), 1)
+    start = cfg.steps - decay
+  else:
+    start, decay = warmup, max(cfg.steps - warmup, 1)
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     warm = peak * step / max(warmup, 1)
-    frac = jnp.clip((step - warmup) / decay, 0.0, 1.0)
-    cos = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * frac))
-    return jnp.where(step < warmup, warm, cos)
+    frac = jnp.clip((step - start) / decay, 0.0, 1.0)
+    if cfg.schedule == "wsd":
+      after = peak + (floor - peak) * frac
+    else:
+      after = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(step < warmup, warm, after)
 
   return schedule
 
