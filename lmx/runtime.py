@@ -34,6 +34,10 @@ _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)
 _applied: bool | None = None
 
 
+def _libc() -> ctypes.CDLL:
+  return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_host_memory() -> bool:
   """Apply the malloc settings above once per process; True if they are in effect."""
   global _applied
@@ -45,8 +49,7 @@ def keep_host_memory() -> bool:
   try:
     if not os.confstr("CS_GNU_LIBC_VERSION"):  # raises or is empty off glibc
       return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
+    mallopt = _libc().mallopt
   except (ValueError, OSError, AttributeError):
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
@@ -59,5 +62,4 @@ def release_free_memory() -> None:
   A no-op unless keep_host_memory() is in effect."""
   if not _applied:
     return
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-  libc.malloc_trim(0)
+  _libc().malloc_trim(0)

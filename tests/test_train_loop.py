@@ -1,6 +1,7 @@
 """End-to-end runs of lmx.train.loop on a tiny model and a 40-document corpus."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -155,3 +156,4 @@ def test_sigterm_saves_and_rerun_resumes(tmp_path, cache_dir, capsys):
   assert ev["step"] == saved + 2
   assert ev["val_loss"] == pytest.approx(r["val_loss"], rel=1e-5)
   assert 1.0 < ev["val_ppl"] < ev["unigram_ppl"] * 10
+  assert ev["val_ppl"] == pytest.approx(math.exp(ev["val_loss"]), rel=1e-6)
