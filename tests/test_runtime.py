@@ -16,10 +16,10 @@ if sys.argv[1] == "keep":
 import jax, jax.numpy as jnp
 f = jax.jit(lambda a: a @ a.T)  # a fresh 64 MiB output per call, freed by the next
 x = jnp.ones((4096, 64), jnp.float32)
-for _ in range(8):  # reach the steady state (the heap grows to the peak once)
+for _ in range(30):  # reach the steady state (the heap grows to its peak, plus fragmentation)
   f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(20):
   f(x).block_until_ready()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -40,9 +40,11 @@ def _faults(mode: str, **env) -> int:
 def test_kept_memory_is_reused_instead_of_refaulted():
   system = _faults("system")
   kept = _faults("keep")
-  # 5 x 64 MiB of fresh 4 KiB pages would be ~82k faults; kept memory needs none of them.
-  assert system > 20_000, system
-  assert kept < system / 10, (kept, system)
+  # 20 x 64 MiB of fresh 4 KiB pages is ~330k faults. Kept memory is reused: at most an
+  # occasional late heap extension (16k faults each, seen under load when thread timing
+  # fragments the single heap), never one per call.
+  assert system > 200_000, system
+  assert kept < system / 5, (kept, system)
 
 
 def test_opt_out_leaves_malloc_alone():
