@@ -200,6 +200,23 @@ def test_remat_gives_same_loss_and_grads():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), grads, ref_grads)
 
 
+def test_remat_policies_recompute_what_they_promise():
+  """Counted in the traced gradient: 'full' recomputes every forward matmul, 'save_dots'
+  keeps the projections (named by `project`) and recomputes only attention's."""
+  tokens = _tokens((2, 9), seed=4)
+
+  def n_dots(policy):
+    graphdef, params = nnx.split(Transformer(tiny(remat=policy), rngs=nnx.Rngs(0)))
+    grad = jax.grad(lambda p: nnx.merge(graphdef, p)(tokens).sum())
+    return jax.jit(grad).lower(params).as_text().count("stablehlo.dot_general")
+
+  none, save_dots, full = n_dots("none"), n_dots("save_dots"), n_dots("full")
+  layers = tiny().n_layers
+  assert save_dots - none == layers * 2  # scores and values (T=9 is one query block)
+  # 'full' also recomputes at least q, k, v, gate and up (whose outputs the backward reads).
+  assert full - save_dots >= layers * 5
+
+
 def test_bf16_compute_returns_float32_logits_close_to_fp32():
   tokens = _tokens((2, 8))
   fp32 = Transformer(tiny(), rngs=nnx.Rngs(0))

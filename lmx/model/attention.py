@@ -2,9 +2,11 @@
 
 Einsum letters: B batch, T query length, S key length, D d_model, N query heads,
 K key/value heads, H head dim. `n_kv_heads` picks the variant: K == N is MHA, K == 1 MQA,
-anything between GQA. `jax.nn.dot_product_attention` takes K < N natively (query head n
-reads kv head n // (N/K)), so K/V are never repeated in memory; with `implementation=None`
-a GPU backend may choose cuDNN's fused kernel.
+anything between GQA. K/V are never repeated in memory: query head n reads kv head
+n // (N/K). `ModelConfig.attention_impl` picks the kernel: `jax.nn.dot_product_attention`
+(with `implementation=None` a GPU backend may choose cuDNN's fused kernel) or
+`blocked_causal_attention`, which skips the masked upper triangle and is what 'auto' uses
+on CPU, where XLA has no fused attention (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from lmx.config import ModelConfig
-from lmx.model.layers import compute_dtype, normal, output_init_std, param, zeros
+from lmx.model.layers import compute_dtype, normal, output_init_std, param, project, zeros
 from lmx.model.positions import apply_rope
 from lmx.parallel.mesh import constrain
 
@@ -47,17 +49,67 @@ def cache_mask(index: jax.Array, t: int, s_max: int) -> jax.Array:
   return (k_slot[None, :] <= q_slot[:, None])[None, None]
 
 
-def _attend(q, k, v, mask, is_causal: bool) -> jax.Array:
-  """jax.nn.dot_product_attention: q (B, T, N, H), k/v (B, S, K, H) -> (B, T, N, H)."""
+def query_block(t: int) -> int:
+  """Queries per block of `blocked_causal_attention`: 64 up to T=512 (4 blocks at T=256,
+  the size measured fastest on CPU), then T/8 so long sequences stay at 8 blocks."""
+  return max(64, -(-t // 8))
+
+
+def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                             mask: jax.Array | None = None, block: int = 0) -> jax.Array:
+  """Causal self-attention, one block of queries at a time: q (B, T, N, H), k/v (B, T, K, H)
+  -> (B, T, N, H); mask None or boolean (B, 1, T, T) ANDed with causality.
+
+  Query block [lo, hi) only meets keys [0, hi), so the fully masked upper triangle is never
+  multiplied, exponentiated or differentiated (at 4 blocks, 10/16 of the full score
+  matrix). Each block is one batched matmul per (batch, kv head) with the G = N/K query
+  heads of a group stacked along the rows. Scores and softmax are float32; the result has
+  q's dtype. Equal to `jax.nn.dot_product_attention(..., is_causal=True)` up to float
+  summation order (tested).
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  block = block or query_block(t)
+  # (B, T, N, H) -> (B, K, G, T, H): query head n reads kv head n // G.
+  qg = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
+  kt = k.transpose(0, 2, 1, 3).reshape(b * kh, t, h)  # (B*K, S, H)
+  vt = v.transpose(0, 2, 1, 3).reshape(b * kh, t, h)
+  outs = []
+  for lo in range(0, t, block):
+    hi = min(lo + block, t)
+    rows = hi - lo
+    allowed = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]  # (rows, hi)
+    allowed = allowed[None, None, None]  # (1, 1, 1, rows, hi)
+    if mask is not None:
+      allowed = allowed & mask[:, :, None, lo:hi, :hi]  # (B, 1, 1, rows, hi)
+    qi = qg[:, :, :, lo:hi].reshape(b * kh, g * rows, h)
+    scores = jnp.einsum("bmh,bsh->bms", qi, kt[:, :hi], preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed, scores.reshape(b, kh, g, rows, hi), jnp.float32(-1e30))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kh, g * rows, hi)
+    outs.append(jnp.einsum("bms,bsh->bmh", probs, vt[:, :hi]).reshape(b, kh, g, rows, h))
+  out = jnp.concatenate(outs, axis=3)  # (B, K, G, T, H)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _attend(q, k, v, mask, is_causal: bool, impl: str = "jax") -> jax.Array:
+  """q (B, T, N, H), k/v (B, S, K, H) -> (B, T, N, H) by `impl` (ModelConfig.attention_impl):
+  jax.nn.dot_product_attention, or `blocked_causal_attention` for full-sequence causal
+  attention when impl is 'blocked' (or 'auto' on the CPU backend)."""
+  blocked = impl == "blocked" or (impl == "auto" and jax.default_backend() == "cpu")
+  blocked = blocked and is_causal and q.shape[1] == k.shape[1]
   # NOTE: jax 0.10.2's XLA path promotes bf16 with float32 internally, which fails under
   # the strict dtype promotion our tests enable; allow standard promotion just here.
   with jax.numpy_dtype_promotion("standard"):
     if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
       # NOTE: XLA:CPU has no f16 x f16 -> f32 dot; fp16 runs there attend in float32.
-      out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                         v.astype(jnp.float32), mask=mask,
-                                         is_causal=is_causal)
+      up = [x.astype(jnp.float32) for x in (q, k, v)]
+      if blocked:
+        return blocked_causal_attention(*up, mask).astype(q.dtype)
+      out = jax.nn.dot_product_attention(*up, mask=mask, is_causal=is_causal)
       return out.astype(q.dtype)
+    if blocked:
+      return blocked_causal_attention(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
 
 
@@ -83,9 +135,9 @@ class Attention(nnx.Module):
     return p[...].astype(compute_dtype(self.cfg))
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
-    q = jnp.einsum("BTD,DNH->BTNH", x, self._w(self.wq))
-    k = jnp.einsum("BTD,DKH->BTKH", x, self._w(self.wk))
-    v = jnp.einsum("BTD,DKH->BTKH", x, self._w(self.wv))
+    q = project(x, self._w(self.wq))  # (B, T, N, H)
+    k = project(x, self._w(self.wk))  # (B, T, K, H)
+    v = project(x, self._w(self.wv))
     if self.bq is not None:
       q, k, v = q + self._w(self.bq), k + self._w(self.bk), v + self._w(self.bv)
     if self.cfg.position == "rope":
@@ -97,7 +149,7 @@ class Attention(nnx.Module):
     return q, k, v
 
   def _out(self, o: jax.Array) -> jax.Array:  # (B, T, N, H) -> (B, T, D)
-    y = jnp.einsum("BTNH,NHD->BTD", o, self._w(self.wo))
+    y = project(o, self._w(self.wo), n_in=2)  # (B, T, D)
     if self.bo is not None:
       y = y + self._w(self.bo)
     return y
@@ -107,7 +159,7 @@ class Attention(nnx.Module):
     """Full-sequence causal attention: x (B, T, D), positions/segment_ids (B, T) -> (B, T, D)."""
     q, k, v = self._qkv(x, positions)
     mask = None if segment_ids is None else segment_mask(segment_ids)
-    o = _attend(q, k, v, mask, is_causal=True)  # (B, T, N, H)
+    o = _attend(q, k, v, mask, is_causal=True, impl=self.cfg.attention_impl)  # (B, T, N, H)
     return self._out(o)
 
   def init_cache(self, batch: int, max_len: int) -> LayerCache:

@@ -8,11 +8,13 @@ devices here (`eager_sharding=False`): the trainer reads the names back with
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lmx.config import ModelConfig
 from lmx.parallel.rules import DEFAULT_RULES
@@ -41,6 +43,44 @@ def param(key: jax.Array, shape: Sequence[int], names: Sequence[str | None],
     raise ValueError(f"param: logical axis {unknown[0]!r} is not in lmx.parallel.rules; "
                      f"known names are {sorted(_KNOWN_NAMES)}.")
   return nnx.Param(init(key, shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+PROJECTION = "lmx_projection"
+
+
+def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+  """Contract the last `n_in` axes of x (B, T, ...) with the first `n_in` axes of w:
+  (B, T, *w.shape[:n_in]) -> (B, T, *w.shape[n_in:]), as one (B*T, K) x (K, N) matmul.
+
+  The value is the einsum's; the VJP is written out (`_matmul`) so the weight gradient is
+  contracted over (B, T) in the form XLA:CPU hands to its fast matmul kernel. Plain
+  autodiff of the einsum made XLA transpose the wide (tokens, N) cotangent and run a slow
+  generic dot instead: 13% of the default train step on CPU (docs/benchmarks.md).
+  """
+  b, t = x.shape[:2]
+  k = math.prod(w.shape[:n_in])
+  y = _matmul(x.reshape(b, t, k), w.reshape(k, -1))
+  # Named, because remat policies cannot see the dot inside a custom_vjp: the save_dots
+  # policy saves values with this name (lmx.model.transformer).
+  y = checkpoint_name(y, PROJECTION)
+  return y.reshape(b, t, *w.shape[n_in:])
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:  # (B, T, K) x (K, N) -> (B, T, N)
+  return jnp.einsum("BTK,KN->BTN", x, w)
+
+
+def _matmul_fwd(x, w):
+  return _matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+  x, w = res
+  return jnp.einsum("BTN,KN->BTK", g, w), jnp.einsum("BTK,BTN->KN", x, g)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:

@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from lmx.config import ModelConfig
 from lmx.model.attention import Attention, LayerCache
-from lmx.model.layers import compute_dtype, normal, param
+from lmx.model.layers import PROJECTION, compute_dtype, normal, param
 from lmx.model.mlp import MLP
 from lmx.model.norms import make_norm
 from lmx.model.positions import LearnedPositions, sinusoidal
@@ -29,9 +29,11 @@ _ACT = ("batch", "seq", "embed")
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing but the block inputs
-    # Saves x @ W results (no batch dims) but not the batched attention einsums, whose
-    # (B, N, T, S) score tensors are the memory hog at long context.
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Saves x @ W results (no batch dims; `project` names its outputs) but not the batched
+    # attention einsums, whose (B, N, T, S) score tensors are the memory hog at long context.
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(PROJECTION)),
 }
 
 
