@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
   c.checkpoint.every = 250  # steps between checkpoints
   c.checkpoint.keep = 2  # newest checkpoints kept (plus the best)
 
-  c.sample.prompt = "def "  # prompt for the final sample
+  c.sample.prompt = "import os\n"  # prompt for the final sample (how stdlib files begin)
   c.sample.max_new_tokens = 64  # tokens sampled
   c.sample.temperature = 0.8
   c.sample.top_k = 40

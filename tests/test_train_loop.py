@@ -64,12 +64,23 @@ def test_resume_is_bitwise_identical(tmp_path, cache_dir):
   assert full["step"] == 8 and full["resumed_from"] is None
   first = loop.train(make_exp(tmp_path / "b", cache_dir), stop_after=4)
   assert first["step"] == 4
+  # As if steps 5-6 were logged and the process then died before the next checkpoint.
+  with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+    for step in (5, 6):
+      f.write(json.dumps({"step": step, "kind": "train", "loss": 123.0}) + "\n")
+    f.write('{"step": 7, "kind": "tr')  # a line cut by the kill
   second = loop.train(make_exp(tmp_path / "b", cache_dir))
   assert second["resumed_from"] == 4 and second["step"] == 8
   a = [l for _, l in full["losses"]]
   b = [l for _, l in first["losses"] + second["losses"]]
   assert len(a) == 8 and a == b  # exact equality, not allclose
   assert full["val_loss"] == second["val_loss"]
+  # The resumed run's metrics.jsonl has each step once: the records after the checkpoint
+  # it resumed from were dropped and logged again.
+  train_b = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "b") if r["kind"] == "train"]
+  train_a = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "a") if r["kind"] == "train"]
+  assert [st for st, _ in train_b] == list(range(1, 9))
+  assert train_b == train_a
   assert a[-1] < a[0]
   # The run directory has the artifacts.
   for f in ("metrics.jsonl", "loss_curve.png", "tensorboard"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -20,13 +21,19 @@ def _plain(v: Any) -> Any:
 
 
 class MetricsLogger:
-  """One JSON line per logged step (appended, so a resumed run continues the same file),
-  TensorBoard scalars, and a progress bar with loss and tokens/s."""
+  """One JSON line per logged step, TensorBoard scalars, and a progress bar with loss and
+  tokens/s.
+
+  A run that starts at `start_step` (resumed from that checkpoint) continues the same
+  metrics.jsonl, first dropping the records after start_step: those steps run again, and
+  each step should appear once.
+  """
 
   def __init__(self, run_dir: str | pathlib.Path, total_steps: int, start_step: int = 0,
                progress_bar: bool = True):
     self.run_dir = pathlib.Path(run_dir)
     self.run_dir.mkdir(parents=True, exist_ok=True)
+    _truncate_after(self.run_dir / METRICS_FILE, start_step)
     self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter  # imported lazily: it pulls in protobuf
     self._tb = SummaryWriter(str(self.run_dir / TB_DIR))
@@ -69,6 +76,16 @@ class MetricsLogger:
       self._bar.close()
     self._tb.close()
     self._jsonl.close()
+
+
+def _truncate_after(path: pathlib.Path, step: int) -> None:
+  """Keep only the records of `path` with step <= `step` (and no line cut by a kill)."""
+  if not path.exists():
+    return
+  kept = [json.dumps(r) + "\n" for r in read_metrics(path.parent) if r.get("step", 0) <= step]
+  tmp = path.with_suffix(".jsonl.tmp")
+  tmp.write_text("".join(kept), encoding="utf-8")
+  os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
