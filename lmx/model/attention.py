@@ -98,19 +98,16 @@ def _attend(q, k, v, mask, is_causal: bool, impl: str = "jax") -> jax.Array:
   attention when impl is 'blocked' (or 'auto' on the CPU backend)."""
   blocked = impl == "blocked" or (impl == "auto" and jax.default_backend() == "cpu")
   blocked = blocked and is_causal and q.shape[1] == k.shape[1]
+  dtype = q.dtype
+  if dtype == jnp.float16 and jax.default_backend() == "cpu":
+    # NOTE: XLA:CPU has no f16 x f16 -> f32 dot; fp16 runs there attend in float32.
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  if blocked:
+    return blocked_causal_attention(q, k, v, mask).astype(dtype)
   # NOTE: jax 0.10.2's XLA path promotes bf16 with float32 internally, which fails under
   # the strict dtype promotion our tests enable; allow standard promotion just here.
   with jax.numpy_dtype_promotion("standard"):
-    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
-      # NOTE: XLA:CPU has no f16 x f16 -> f32 dot; fp16 runs there attend in float32.
-      up = [x.astype(jnp.float32) for x in (q, k, v)]
-      if blocked:
-        return blocked_causal_attention(*up, mask).astype(q.dtype)
-      out = jax.nn.dot_product_attention(*up, mask=mask, is_causal=is_causal)
-      return out.astype(q.dtype)
-    if blocked:
-      return blocked_causal_attention(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal).astype(dtype)
 
 
 class Attention(nnx.Module):
