@@ -5,6 +5,7 @@ import unicodedata
 import pytest
 
 from lmx.data import boilerplate as bp
+from lmx.data import corpus
 from lmx.data import clean, langid
 
 PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch.\n"
@@ -112,7 +113,6 @@ def test_boilerplate_keeps_rare_and_interior_lines():
 
 def test_stdlib_license_boilerplate_found():
   """On a slice of the real stdlib (the email package) the PSF header lines are found."""
-  corpus = pytest.importorskip("lmx.data.corpus")
   docs = [d for d in corpus.stdlib_documents() if d.id.startswith("stdlib/email/")][:40]
   assert len(docs) >= 20
   cfg = bp.BoilerplateConfig(min_docs=5, line_prefixes=("#",))

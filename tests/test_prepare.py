@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from lmx.data import prepare, quality
+from lmx.data import corpus, prepare, quality
 
 WORDS = ("river mountain village teacher garden window morning story music letter bridge "
          "forest market winter summer doctor kitchen harbor island lantern meadow candle "
@@ -73,7 +73,6 @@ def test_rerun_is_deterministic(tmp_path):
 
 
 def test_malformed_input_counted_not_crashing(tmp_path):
-  corpus = pytest.importorskip("lmx.data.corpus")
   from lmx.config import DataConfig
   src = tmp_path / "src"
   src.mkdir()
