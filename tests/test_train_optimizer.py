@@ -65,14 +65,24 @@ def test_decay_mask_excludes_1d_params():
 
 
 def test_clipping_bounds_update():
+  # With b1 = b2 = 0, Adam's first update is -lr * g / (|g| + eps): with eps = 1 it depends on
+  # the gradient's size, so it shows exactly which gradient reached Adam.
   cfg = TrainConfig(steps=10, warmup_steps=0, learning_rate=1.0, weight_decay=0.0,
-                    grad_clip=1.0, beta1=0.0, beta2=0.0, eps=0.0)
+                    grad_clip=1.0, beta1=0.0, beta2=0.0, eps=1.0)
   opt = make_optimizer(cfg)
-  p = {"w": jnp.zeros((2, 2))}
-  g = {"w": jnp.full((2, 2), 100.0)}
-  # Clipped grad has norm 1 (entries 0.5); with b1=b2=0 Adam's update is sign(g) * lr.
+  p = {"w": jnp.zeros((2, 2)), "b": jnp.zeros((4,))}
+  g = {"w": jnp.full((2, 2), 30.0), "b": jnp.full((4,), 40.0)}  # global norm 100
   u, _ = opt.update(g, opt.init(p), p)
-  np.testing.assert_allclose(u["w"], -1.0, rtol=1e-5)
-  clip = optax.clip_by_global_norm(1.0)
-  cg, _ = clip.update(g, clip.init(p))
-  np.testing.assert_allclose(float(optax.global_norm(cg)), 1.0, rtol=1e-6)
+  # Clipped to global norm 1: entries 0.3 and 0.4 (same direction), so -0.3/1.3 and -0.4/1.4.
+  np.testing.assert_allclose(u["w"], -0.3 / 1.3, rtol=1e-5)
+  np.testing.assert_allclose(u["b"], -0.4 / 1.4, rtol=1e-5)
+  # A gradient already under the clip passes unchanged: entries 0.1 (norm 0.2 per leaf).
+  small = {"w": jnp.full((2, 2), 0.1), "b": jnp.full((4,), 0.1)}
+  u, _ = opt.update(small, opt.init(p), p)
+  np.testing.assert_allclose(u["w"], -0.1 / 1.1, rtol=1e-5)
+  # grad_clip = 0 turns clipping off: the raw gradient reaches Adam.
+  raw = make_optimizer(TrainConfig(steps=10, warmup_steps=0, learning_rate=1.0,
+                                   weight_decay=0.0, grad_clip=0.0, beta1=0.0, beta2=0.0,
+                                   eps=1.0))
+  u, _ = raw.update(g, raw.init(p), p)
+  np.testing.assert_allclose(u["w"], -30.0 / 31.0, rtol=1e-5)

@@ -165,3 +165,35 @@ def test_fp16_loss_scale_halves_on_overflow_and_skips_update():
     state, m2 = step(state, batch(2))
   assert not bool(m1["skipped"]) and not bool(m2["skipped"])
   assert float(state.loss_scale) == 2048.0 and int(state.step) == 2
+
+
+def _run_with_metrics(mesh, state, step, batches):
+  out = []
+  with use_mesh(mesh):
+    for b in batches:
+      state, m = step(state, b)
+      out.append({k: float(m[k]) for k in ("loss", "grad_norm", "loss_scale")})
+  return state, out
+
+
+@pytest.mark.parametrize("precision,loss_scale", [("bfloat16", 1.0), ("float16", 2.0**15)])
+def test_low_precision_step_tracks_fp32(precision, loss_scale):
+  """bf16 and fp16 compute (fp16 with dynamic loss scaling) on CPU: fp32 master weights and
+  moments, losses and gradient norms close to the fp32 step's over a few steps, yet not
+  identical to them (the compute really ran in low precision)."""
+  batches = [batch(i) for i in range(4)]
+  mesh, s32, step32 = setup(TRAIN)
+  _, m32 = _run_with_metrics(mesh, s32, step32, batches)
+  train = dataclasses.replace(TRAIN, precision=precision)
+  _, slo, steplo = setup(train, model=dataclasses.replace(MODEL, dtype=precision))
+  slo, mlo = _run_with_metrics(mesh, slo, steplo, batches)
+  assert [m["loss_scale"] for m in mlo] == [loss_scale] * len(batches)  # no overflow seen
+  for a, b in zip(mlo, m32):
+    # The gradient norm is reported unscaled: a loss scale left in would be off by 2^15.
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=5e-2)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-2)
+  assert any(a["loss"] != b["loss"] for a, b in zip(mlo, m32))
+  assert int(slo.step) == len(batches)
+  for leaf in jax.tree.leaves(slo.params) + jax.tree.leaves(slo.opt_state):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32  # master weights and Adam moments stay fp32

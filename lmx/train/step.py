@@ -69,32 +69,37 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
   schedule = make_schedule(cfg)
   scaled = uses_loss_scaling(cfg.precision)
 
-  def summed_loss(params, micro: Batch, scale):
+  def scaled_loss(params, micro: Batch, scale):
+    """This microbatch's share of the batch-mean loss, times `scale` (see train_step)."""
     _, aux = batch_loss(graphdef, rest, params, micro, cfg.z_loss, cfg.loss_chunk_tokens)
     return (aux["ce_sum"] + aux["z_sum"]) * scale, aux
 
-  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
     micro = _split_microbatches(batch, k)
+    # The gradient is taken of sum(loss) * loss_scale / n_tokens(whole batch), so the fp16
+    # loss scale means what it means elsewhere (a factor on the mean loss): scaling the
+    # token *sum* would multiply every cotangent by n_tokens more and overflow fp16.
+    denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    scale = state.loss_scale / denom
 
     def body(carry, mb):
       g_sum, ce_sum, z_sum, n = carry
       mb = jax.tree.map(lambda x: constrain(x, BATCH_NAMES), mb)
-      (_, aux), g = grad_fn(state.params, mb, state.loss_scale)
+      (_, aux), g = grad_fn(state.params, mb, scale)
       g_sum = jax.tree.map(jnp.add, g_sum, g)
       return (g_sum, ce_sum + aux["ce_sum"], z_sum + aux["z_sum"], n + aux["n_tokens"]), None
 
     if k == 1:  # no loop: lets XLA fuse the gradient straight into the update
       mb = jax.tree.map(lambda x: constrain(x[0], BATCH_NAMES), micro)
-      (_, aux), g_sum = grad_fn(state.params, mb, state.loss_scale)
+      (_, aux), g_sum = grad_fn(state.params, mb, scale)
       ce_sum, z_sum, n = aux["ce_sum"], aux["z_sum"], aux["n_tokens"]
     else:
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
       (g_sum, ce_sum, z_sum, n), _ = jax.lax.scan(body, init, micro)
-    denom = jnp.maximum(n, 1.0)
-    grads = jax.tree.map(lambda g: g / (state.loss_scale * denom), g_sum)
+    grads = jax.tree.map(lambda g: g / state.loss_scale, g_sum)
     loss = (ce_sum + z_sum) / denom
     grad_norm = optax.tree.norm(grads)
 
