@@ -85,8 +85,15 @@ def _exp(run_dir):
   return from_config_dict(c)
 
 
-def _embed(m):
-  return np.asarray(m.embed[...])
+def _assert_same_params(a, b):
+  """Every parameter leaf of modules a and b is bitwise equal (same tree, same values)."""
+  la = jax.tree_util.tree_flatten_with_path(nnx.state(a, nnx.Param))[0]
+  lb = jax.tree_util.tree_flatten_with_path(nnx.state(b, nnx.Param))[0]
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  assert len(la) > 5  # embed, norms, attention and MLP weights
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
 
 
 def test_restore_params_prefers_best_then_latest(tmp_path):
@@ -102,7 +109,7 @@ def test_restore_params_prefers_best_then_latest(tmp_path):
   target = Transformer(CFG, rngs=nnx.Rngs(9))
   assert restore_params(exp, target) == {"source": str(tmp_path / "checkpoints" / "10"),
                                          "step": 10}
-  np.testing.assert_array_equal(_embed(target), _embed(src[0]))
+  _assert_same_params(target, src[0])
   # A best checkpoint wins over the latest; a better one replaces it (one kept).
   ck.save_best(4, nnx.state(src[1], nnx.Param), 2.5)
   ck.save_best(8, nnx.state(src[2], nnx.Param), 2.0)
@@ -110,7 +117,7 @@ def test_restore_params_prefers_best_then_latest(tmp_path):
   assert sorted(os.listdir(tmp_path / "best")) == ["8"]
   r = restore_params(exp, target)
   assert r["step"] == 8
-  np.testing.assert_array_equal(_embed(target), _embed(src[2]))
+  _assert_same_params(target, src[2])
   ck.close()
 
 
