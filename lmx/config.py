@@ -6,8 +6,9 @@ validates it, so a bad value fails here -- before any compilation -- with one se
 names the field and its valid range.
 
 Sections: `model` (ModelConfig, the only thing layers see), `data` (DataConfig), `train`
-(TrainConfig), `mesh` (MeshConfig), `checkpoint` (CheckpointConfig), `eval` (EvalConfig),
-`sample` (SampleConfig). `run_dir` and `seed` sit at top level.
+(TrainConfig), `mesh` (MeshConfig), `checkpoint` (CheckpointConfig), `sample`
+(SampleConfig). `run_dir`, `seed` and `name` sit at top level. Periodic validation settings
+live in `train` (eval_every, eval_batches).
 """
 
 from __future__ import annotations
@@ -61,8 +62,13 @@ class ModelConfig:
   max_seq_len: int = 256
   use_bias: bool = False  # biases on projections; LayerNorm gets a bias iff this is set.
   tie_embeddings: bool = True
-  dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16; params stay float32.
+  # Compute dtype: float32 | bfloat16 | float16; params stay float32. In experiments it is
+  # not set here but follows `train.precision` (from_config_dict): one source for every command.
+  dtype: str = "float32"
   remat: str = "none"  # none | full | save_dots
+  # True: one jax.lax.scan over the stacked layers (compile time flat in depth); False: the
+  # same stacked parameters run unrolled (XLA sees every layer; see docs/benchmarks.md).
+  scan_layers: bool = True
   # auto: query-blocked causal attention on CPU (skips the masked upper triangle; measured
   # 13% faster per train step there), jax.nn.dot_product_attention elsewhere (cuDNN on GPU).
   attention_impl: str = "auto"  # auto | jax | blocked
@@ -103,6 +109,8 @@ class ModelConfig:
     _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
     _choice("model.remat", self.remat, ("none", "full", "save_dots"))
     _choice("model.attention_impl", self.attention_impl, ("auto", "jax", "blocked"))
+    if not isinstance(self.scan_layers, bool):
+      _fail("model.scan_layers", f"is {self.scan_layers!r}; it must be True or False")
     if not self.head_dim and self.d_model % self.n_heads:
       _fail("model.n_heads", f"is {self.n_heads}; it must divide model.d_model={self.d_model} "
             "(or set model.head_dim explicitly)")
@@ -335,6 +343,14 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> Experiment:
       if not isinstance(d[k], t):
         _fail(k, f"is {d[k]!r}; it must be a {t.__name__}")
       kwargs[k] = d[k]
+  # The compute dtype has one source, train.precision; model.dtype follows it, so train,
+  # evaluate and generate all run the model in the same dtype.
+  precision = kwargs["train"].precision
+  given = (d.get("model") or {}).get("dtype")
+  if given is not None and given != precision:
+    _fail("model.dtype", f"is {given!r} but train.precision is {precision!r}; the compute dtype "
+          "is set by train.precision alone (leave model.dtype unset)")
+  kwargs["model"] = dataclasses.replace(kwargs["model"], dtype=precision)
   exp = Experiment(**kwargs)
   if exp.data.seq_len > exp.model.max_seq_len and exp.model.position == "learned":
     _fail("data.seq_len", f"is {exp.data.seq_len}; with learned positions it must be <= "
@@ -355,6 +371,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   for name, cls in SECTIONS.items():
     c[name] = to_config_dict(cls())
+  del c.model["dtype"]  # follows train.precision (see from_config_dict)
   c.run_dir = "runs/default"
   c.seed = 0
   c.name = "default"

@@ -51,6 +51,10 @@ def load_config_dict(argv: Sequence[str]) -> ConfigDict:
     if a.startswith("--config."):
       dotted = a[len("--config."):].split("=", 1)[0]
       node = fv.config
+      if dotted == "model.dtype":
+        raise ConfigError("Invalid config: `model.dtype` is set by train.precision (float32 | "
+                          "bfloat16 | float16), the one source of the compute dtype; override "
+                          "--config.train.precision instead.")
       for i, part in enumerate(dotted.split(".")):
         if not isinstance(node, ConfigDict) or part not in node:
           where = ".".join(dotted.split(".")[:i]) or "top level"

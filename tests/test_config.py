@@ -97,3 +97,42 @@ def test_cli_config_error_exits_2_with_one_line():
                      capture_output=True, text=True)
   assert r.returncode == 2
   assert "model.n_heads" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_compute_dtype_has_one_source():
+  """train.precision sets the model's compute dtype for every command; a conflicting
+  model.dtype is an error, not silently overridden in some commands and not in others."""
+  exp = _exp(train__precision="bfloat16")
+  assert exp.model.dtype == "bfloat16"
+  assert _exp().model.dtype == "float32"
+  c = base_config()
+  c.model.dtype = "float16"
+  with pytest.raises(ConfigError, match=r"`model.dtype` is 'float16' but train.precision"):
+    from_config_dict(c)
+  c.train.precision = "float16"  # agreeing values are fine
+  assert from_config_dict(c).model.dtype == "float16"
+  with pytest.raises(ConfigError, match=r"`model.dtype` is set by train.precision"):
+    load_experiment(["--config=experiments/default.py", "--config.model.dtype=bfloat16"])
+  exp, _ = load_experiment(["--config=experiments/gpt2_124m.py"])
+  assert exp.model.dtype == exp.train.precision == "bfloat16"
+
+
+def test_generate_builds_the_model_in_the_training_dtype(monkeypatch, tmp_path):
+  """`lmx generate` builds its model from the experiment, so it computes in train.precision
+  (it used the raw model.dtype, float32, while train and evaluate used bf16)."""
+  from lmx.infer import generate as gen
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def fake_restore(exp, model, directory=None):
+    seen["dtype"] = model.cfg.dtype
+    raise Stop
+
+  monkeypatch.setattr("lmx.train.checkpoint.restore_params", fake_restore)
+  monkeypatch.setattr("lmx.data.tokenizer.load_or_train_tokenizer", lambda exp: None)
+  with pytest.raises(Stop):
+    gen.cli_main(["--config=experiments/llama.py:tiny", "--config.train.precision=bfloat16",
+                  "--config.model.n_layers=1", f"--config.run_dir={tmp_path}"])
+  assert seen["dtype"] == "bfloat16"

@@ -75,7 +75,6 @@ def cli_main(argv: list[str]) -> int:
   from lmx.model import Transformer
   from lmx.parallel.mesh import make_mesh, state_shardings, use_mesh
   from lmx.train.checkpoint import restore_params
-  from lmx.train.precision import model_config_for_training
   from lmx.train.step import jit_eval_step, make_eval_step, put_batch
 
   _, rest = split_config_args(argv)
@@ -88,7 +87,7 @@ def cli_main(argv: list[str]) -> int:
   mesh = make_mesh(exp.mesh)
   tok = load_or_train_tokenizer(exp)
   with use_mesh(mesh):
-    model = Transformer(model_config_for_training(exp), rngs=nnx.Rngs(params=exp.seed))
+    model = Transformer(exp.model, rngs=nnx.Rngs(params=exp.seed))
     src = restore_params(exp, model, args.checkpoint)
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     # The model was built on one device; lay the restored params out on the mesh.

@@ -35,7 +35,6 @@ from lmx.train.checkpoint import Checkpointer
 from lmx.train.early_stopping import EarlyStopping
 from lmx.train.metrics import MetricsLogger, plot_loss_curve
 from lmx.train.optimizer import make_optimizer
-from lmx.train.precision import model_config_for_training
 from lmx.train.state import plan_train_state
 from lmx.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, put_batch
 
@@ -87,7 +86,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
   mesh = make_mesh(exp.mesh)
   # Process 0 fills the shared cache (tokenizer, shards) first; the others then load it.
   tok = primary_first(lambda: load_or_train_tokenizer(exp), "lmx_tokenizer")
-  model_cfg = model_config_for_training(exp)  # compute dtype = train.precision
+  model_cfg = exp.model  # its dtype is train.precision (lmx.config.from_config_dict)
   optimizer = make_optimizer(cfg)
   ckpt = Checkpointer(run_dir, exp.checkpoint)
   stopper = EarlyStopping(cfg.early_stopping_patience)

@@ -10,19 +10,10 @@ the update, and `period` finite steps in a row double it.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from lmx.config import Experiment, ModelConfig
-
 MIN_SCALE = 1.0
-
-
-def model_config_for_training(exp: Experiment) -> ModelConfig:
-  """The model config with the compute dtype set from `train.precision`."""
-  return dataclasses.replace(exp.model, dtype=exp.train.precision)
 
 
 def uses_loss_scaling(precision: str) -> bool:
