@@ -89,6 +89,25 @@ def test_resume_is_bitwise_identical(tmp_path, cache_dir):
   assert full["val_ppl"] < full["unigram_ppl"] * 10  # sane, not a quality claim at 8 steps
 
 
+def test_logged_train_loss_is_the_mean_over_the_log_interval(tmp_path, cache_dir):
+  """With log_every=3 each train record's loss is the mean of the 3 per-step losses (taken
+  from the same deterministic run logged every step), not the last step's alone."""
+  each = loop.train(make_exp(tmp_path / "each", cache_dir, **{"train.steps": 6}))
+  per_step = dict(each["losses"])
+  assert sorted(per_step) == [1, 2, 3, 4, 5, 6]
+  every3 = loop.train(make_exp(tmp_path / "every3", cache_dir,
+                               **{"train.steps": 6, "train.log_every": 3}))
+  recs = [r for r in read_metrics(tmp_path / "every3") if r["kind"] == "train"]
+  assert [r["step"] for r in recs] == [3, 6]
+  for r in recs:
+    window = [per_step[s] for s in range(r["step"] - 2, r["step"] + 1)]
+    assert r["loss"] == pytest.approx(np.mean(window), rel=1e-6)
+    assert r["loss_step"] == pytest.approx(per_step[r["step"]], rel=1e-6)
+    assert r["loss_steps"] == 3
+  assert len(set(window)) == 3  # the steps differ, so the mean is not any one of them
+  assert every3["train_loss"] == pytest.approx(np.mean(window), rel=1e-6)
+
+
 def test_consecutive_bad_steps_stop_the_run(tmp_path, cache_dir, monkeypatch):
   calls = {"n": 0}
   real = loop.put_batch
@@ -123,7 +142,8 @@ def test_early_stopping_on_stalled_validation(tmp_path, cache_dir, monkeypatch):
   r = loop.train(exp)
   # evals at 2 (3.0 best), 4 (2.0 best), 6 (no), 8 (no -> patience 2 reached)
   assert r["early_stopped"] and r["step"] == 8
-  assert r["best_val_loss"] == 2.0 and r["best_step"] == 4
+  assert r["best_subset_val_loss"] == 2.0 and r["best_step"] == 4
+  assert r["subset_val_batches"] == exp.train.eval_batches
   assert sorted(os.listdir(tmp_path / "best")) == ["4"]
   evals = [x for x in read_metrics(tmp_path) if x["kind"] == "eval"]
   assert [e["val_loss"] for e in evals][:4] == [3.0, 2.0, 2.5, 2.5]

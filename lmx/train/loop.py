@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmx.config import Experiment
@@ -119,7 +120,8 @@ def train(exp: Experiment, *, max_steps: int | None = None,
                             abstract[0].params, mesh)
 
     def evaluate(params) -> dict[str, float]:
-      return validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val_batches)
+      out = validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val_batches)
+      return {**out, "val_batches": len(val_batches)}
 
     def save(at: int) -> None:
       ckpt.save(at, state, {"iterator": train_it.get_state(), "step": at,
@@ -132,6 +134,9 @@ def train(exp: Experiment, *, max_steps: int | None = None,
                               "stopped_by_bad_steps": False, "resumed_from": resumed_from}
     losses: list[tuple[int, float]] = []
     last_eval: tuple[int, dict] | None = None
+    # The logged train loss is the mean over the steps since the last log (finite steps
+    # only), kept on device so that adding it up never waits for a step to finish.
+    loss_sum, loss_n = jnp.float32(0), jnp.float32(0)
     with _SignalFlag() as sig:
       while step < total:
         if sig.signum is not None:
@@ -144,10 +149,21 @@ def train(exp: Experiment, *, max_steps: int | None = None,
         step += 1
         logger.count_tokens(float(batch["loss_mask"].sum()) * jax.process_count())
         logger.advance()
-        if step % cfg.log_every == 0 or step == total:
-          rec = logger.log(step, m)
+        finite = ~m["skipped"]
+        loss_sum = loss_sum + jnp.where(finite, m["loss"], 0.0)
+        loss_n = loss_n + finite.astype(jnp.float32)
+        logging = step % cfg.log_every == 0 or step == total
+        if logging:
+          mean = {"loss": loss_sum / loss_n, "loss_step": m["loss"], "loss_steps": loss_n}
+          rec = logger.log(step, {**m, **mean})
           losses.append((step, rec["loss"]))
-        bad = int(state.consecutive_bad_steps)
+          loss_sum, loss_n = jnp.float32(0), jnp.float32(0)
+        # Reading the counter waits for the step to finish, so it is read only where the
+        # host syncs anyway (a log or a save): dispatch runs ahead between them. A streak
+        # of non-finite steps (which change nothing) may run up to log_every - 1 steps
+        # past max_bad_steps before the stop.
+        saving = ckpt.should_save(step)
+        bad = int(state.consecutive_bad_steps) if logging or saving else 0
         if bad >= cfg.max_bad_steps:
           last = ckpt.latest_step()
           msg = (f"lmx train: stopping at step {step}: {bad} consecutive non-finite steps "
@@ -167,7 +183,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
             result["early_stopped"] = True
             save(step)
             break
-        if ckpt.should_save(step) and bad == 0:  # no saves mid-streak: keep "last good" exact
+        if saving and bad == 0:  # no saves mid-streak: keep "last good" exact
           save(step)
 
     if not result["stopped_by_bad_steps"]:
@@ -199,8 +215,11 @@ def train(exp: Experiment, *, max_steps: int | None = None,
     ckpt.close()
 
   curve = plot_loss_curve(run_dir) if is_primary() else None
+  # Periodic validation (early stopping, best/) uses the first eval_batches batches; the
+  # final val_loss uses the whole split. The names say which is which.
+  best = None if math.isinf(stopper.best) else stopper.best
   result.update(step=step, train_loss=losses[-1][1] if losses else math.nan,
-                losses=losses, best_val_loss=None if math.isinf(stopper.best) else stopper.best,
+                losses=losses, best_subset_val_loss=best, subset_val_batches=cfg.eval_batches,
                 best_step=stopper.best_step, total_bad_steps=int(state.total_bad_steps),
                 loss_scale=float(state.loss_scale), run_dir=str(run_dir),
                 loss_curve=str(curve) if curve else None,
@@ -225,8 +244,11 @@ def _print_summary(r: dict[str, Any]) -> None:
   how = ("stopped by signal" if r["stopped_by_signal"] else "early-stopped" if r["early_stopped"]
          else "stopped: too many non-finite steps" if r["stopped_by_bad_steps"] else "done")
   parts = [f"step {r['step']} ({how})", f"train loss {r['train_loss']:.4f}"]
+  if r.get("best_subset_val_loss") is not None:
+    parts.append(f"best val loss on the first {r['subset_val_batches']} validation batches "
+                 f"{r['best_subset_val_loss']:.4f} (step {r['best_step']})")
   if "val_loss" in r:
-    parts += [f"val loss {r['val_loss']:.4f}", f"val ppl {r['val_ppl']:.2f}",
+    parts += [f"val loss {r['val_loss']:.4f} (whole split)", f"val ppl {r['val_ppl']:.2f}",
               f"unigram ppl {r['unigram_ppl']:.2f}",
               f"unigram/model ppl ratio {r['unigram_ppl'] / r['val_ppl']:.1f}"]
   print("lmx train: " + ", ".join(parts), file=sys.stderr)

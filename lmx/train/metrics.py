@@ -104,8 +104,10 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
 def plot_loss_curve(run_dir: str | pathlib.Path) -> pathlib.Path | None:
   """Train and validation loss against step, from metrics.jsonl, as loss_curve.png."""
   recs = read_metrics(run_dir)
+  # Train points are means over each logging interval (MetricsLogger's caller averages).
   train = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train" and "loss" in r]
   val = [(r["step"], r["val_loss"]) for r in recs if r.get("kind") == "eval"]
+  final = [(r["step"], r["val_loss"]) for r in recs if r.get("kind") == "final_eval"]
   if not train and not val:
     return None
   import matplotlib
@@ -113,9 +115,12 @@ def plot_loss_curve(run_dir: str | pathlib.Path) -> pathlib.Path | None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
   if train:
-    ax.plot(*zip(*train), label="train")
+    ax.plot(*zip(*train), label="train (mean per log interval)")
   if val:
-    ax.plot(*zip(*val), "o-", label="validation")
+    n = next((r.get("val_batches") for r in recs if r.get("kind") == "eval"), None)
+    ax.plot(*zip(*val), "o-", label=f"validation, first {n} batches" if n else "validation")
+  if final:
+    ax.plot(*zip(*final[-1:]), "*", markersize=12, label="validation, whole split")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
   ax.legend()
