@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from lmx.config import CheckpointConfig, MeshConfig, ModelConfig, base_config, from_config_dict
@@ -38,6 +39,7 @@ def _tmp_dirs(path):
   return [d for d in os.listdir(path) if "tmp" in d] if os.path.isdir(path) else []
 
 
+@pytest.mark.slow  # subprocess writing 64 MB saves until killed
 def test_kill9_during_save_leaves_previous_checkpoint(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env,
@@ -122,6 +124,5 @@ def test_restore_params_prefers_best_then_latest(tmp_path):
 
 
 def test_restore_params_without_checkpoint_is_a_clear_error(tmp_path):
-  import pytest
   with pytest.raises(FileNotFoundError, match="no checkpoint found"):
     restore_params(_exp(tmp_path), Transformer(CFG, rngs=nnx.Rngs(0)))

@@ -19,6 +19,9 @@ import sys
 import numpy as np
 import pytest
 
+# Real multi-process runs: several OS processes, each training through jax.distributed.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
 

@@ -59,6 +59,7 @@ def _plain_bits_per_byte(model, tok, text: str, seq_len: int) -> float:
   return nats / math.log(2) / len(text.encode("utf-8"))
 
 
+@pytest.mark.slow  # trains a reference model
 def test_reference_model_trained_and_reported(trained):
   _, tok, info, q, _ = trained
   assert info["steps"] == q.steps and info["d_model"] == 32 and info["n_layers"] == 1
@@ -68,6 +69,7 @@ def test_reference_model_trained_and_reported(trained):
   assert info["checkpoint"].endswith(f"checkpoints/{q.steps}")
 
 
+@pytest.mark.slow  # trains a reference model
 def test_scorer_matches_plain_windowed_definition(trained):
   model, tok, _, q, held_out = trained
   texts = [held_out[0][:2000], "x = 1\n", held_out[1][:300], "é€ unicode ✓\n" * 20]
@@ -78,6 +80,7 @@ def test_scorer_matches_plain_windowed_definition(trained):
   assert quality.lmx_model_scorer(model, tok, q.seq_len)([""]) == [8.0]
 
 
+@pytest.mark.slow  # trains a reference model
 def test_planted_junk_scores_worse_and_is_dropped_first(trained):
   model, tok, _, q, held_out = trained
   junk = _junk(np.random.default_rng(0), 4)  # 12 junk documents, 40 real
@@ -93,6 +96,7 @@ def test_planted_junk_scores_worse_and_is_dropped_first(trained):
   assert precision == 1.0, (s_real.round(2), s_junk.round(2))
 
 
+@pytest.mark.slow  # trains a reference model
 def test_cli_with_lmx_model_scorer(tmp_path, capsys):
   rng = np.random.default_rng(1)
   words = ("river mountain village teacher garden window morning story music letter bridge "

@@ -70,6 +70,7 @@ print(*faults)
 
 
 @glibc_linux
+@pytest.mark.slow  # a 2.25 GiB block, subprocess
 def test_blocks_over_2_gib_are_kept_too():
   """A 124M model's step frees and re-allocates one ~3 GiB XLA buffer. With the trim
   threshold at the largest positive int (2 GiB) glibc still handed such a block back

@@ -16,6 +16,9 @@ from lmx.config import base_config, from_config_dict
 from lmx.eval import perplexity
 from lmx.train.metrics import read_metrics
 
+# End-to-end training runs of the real loop (one of them a subprocess), seconds each.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {  # dotted overrides shared by the in-process runs and the CLI subprocess
     "model.vocab_size": 512, "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
