@@ -7,6 +7,9 @@ to `.safetensors` files with the `safetensors` library. Layout differences:
   q_proj (H*Dh, D) -> wq (D, H, Dh); o_proj (D, H*Dh) -> wo (H, Dh, D).
 * GPT-2 uses Conv1D, already (in, out), with q, k, v fused in `c_attn` (D, 3D).
 * Both use the rotate-half RoPE convention lmx uses, so q/k need no permutation.
+* HF names each layer (`model.layers.{i}.`, `h.{i}.`); lmx stacks the L layers into one
+  tree under `layers.block` with a leading L axis (lmx.model.stack): import `np.stack`s the
+  per-layer arrays, export takes them apart again.
 """
 
 from __future__ import annotations
@@ -33,14 +36,24 @@ def _strip(sd: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
           for k, v in sd.items()}
 
 
+def _stack_layers(per_layer: list[dict]) -> dict:
+  """L per-layer trees of arrays -> the stack's tree `{"block": ...}`, each leaf (L, ...)."""
+  return {"block": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
+
+
+def _layer(tree: dict, i: int) -> dict:
+  """Layer i's tree of arrays from an lmx parameter tree (the inverse of `_stack_layers`)."""
+  return jax.tree.map(lambda x: np.asarray(x)[i], tree["layers"]["block"])
+
+
 def llama_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
   """HF LlamaForCausalLM state dict -> lmx parameter tree (nested dict of arrays)."""
   sd = _strip(sd, "model.")
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-  blocks = {}
+  blocks = []
   for i in range(cfg.n_layers):
     p = f"layers.{i}."
-    blocks[i] = {
+    blocks.append({
         "attn": {
             "wq": sd[p + "self_attn.q_proj.weight"].T.reshape(d, h, hd),
             "wk": sd[p + "self_attn.k_proj.weight"].T.reshape(d, kv, hd),
@@ -54,8 +67,8 @@ def llama_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
         },
         "attn_norm": {"scale": sd[p + "input_layernorm.weight"]},
         "mlp_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
-    }
-  tree = {"embed": sd["embed_tokens.weight"], "blocks": blocks,
+    })
+  tree = {"embed": sd["embed_tokens.weight"], "layers": _stack_layers(blocks),
           "final_norm": {"scale": sd["norm.weight"]}}
   if not cfg.tie_embeddings:
     tree["lm_head"] = sd["lm_head.weight"].T
@@ -68,7 +81,7 @@ def llama_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   out = {"model.embed_tokens.weight": tree["embed"],
          "model.norm.weight": tree["final_norm"]["scale"]}
   for i in range(cfg.n_layers):
-    b, p = tree["blocks"][i], f"model.layers.{i}."
+    b, p = _layer(tree, i), f"model.layers.{i}."
     out[p + "self_attn.q_proj.weight"] = b["attn"]["wq"].reshape(d, h * hd).T
     out[p + "self_attn.k_proj.weight"] = b["attn"]["wk"].reshape(d, kv * hd).T
     out[p + "self_attn.v_proj.weight"] = b["attn"]["wv"].reshape(d, kv * hd).T
@@ -86,13 +99,13 @@ def gpt2_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
   """HF GPT2LMHeadModel state dict -> lmx parameter tree."""
   sd = _strip(sd, "transformer.")
   d, h, hd = cfg.d_model, cfg.n_heads, cfg.dim_per_head
-  blocks = {}
+  blocks = []
   for i in range(cfg.n_layers):
     p = f"h.{i}."
     w_qkv, b_qkv = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]  # (D, 3D), (3D,)
     wq, wk, wv = np.split(w_qkv, 3, axis=1)
     bq, bk, bv = np.split(b_qkv, 3)
-    blocks[i] = {
+    blocks.append({
         "attn": {
             "wq": wq.reshape(d, h, hd), "wk": wk.reshape(d, h, hd), "wv": wv.reshape(d, h, hd),
             "bq": bq.reshape(h, hd), "bk": bk.reshape(h, hd), "bv": bv.reshape(h, hd),
@@ -105,9 +118,9 @@ def gpt2_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
         },
         "attn_norm": {"scale": sd[p + "ln_1.weight"], "bias": sd[p + "ln_1.bias"]},
         "mlp_norm": {"scale": sd[p + "ln_2.weight"], "bias": sd[p + "ln_2.bias"]},
-    }
+    })
   return {"embed": sd["wte.weight"], "pos_embed": {"table": sd["wpe.weight"]},
-          "blocks": blocks, "final_norm": {"scale": sd["ln_f.weight"], "bias": sd["ln_f.bias"]}}
+          "layers": _stack_layers(blocks), "final_norm": {"scale": sd["ln_f.weight"], "bias": sd["ln_f.bias"]}}
 
 
 def assign_params(model: nnx.Module, tree: dict) -> None:

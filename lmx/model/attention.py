@@ -23,7 +23,8 @@ from lmx.parallel.mesh import constrain
 
 @struct.dataclass
 class LayerCache:
-  """Keys and values of one layer, (B, S_max, K, H) in the compute dtype."""
+  """Keys and values in the compute dtype: (B, S_max, K, H) for one layer, with a leading
+  L axis for a layer stack (`lmx.model.stack`)."""
   k: jax.Array
   v: jax.Array
 
@@ -159,18 +160,17 @@ class Attention(nnx.Module):
     o = _attend(q, k, v, mask, is_causal=True, impl=self.cfg.attention_impl)  # (B, T, N, H)
     return self._out(o)
 
-  def init_cache(self, batch: int, max_len: int) -> LayerCache:
-    shape = (batch, max_len, self.cfg.kv_heads, self.cfg.dim_per_head)
-    dtype = compute_dtype(self.cfg)
-    return LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
   def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache,
              index: jax.Array) -> tuple[jax.Array, LayerCache]:
-    """Attend t new tokens x (B, t, D) to the cached prefix; write them at slot `index`."""
+    """Attend t new tokens x (B, t, D) to the cached prefix plus themselves, as if written
+    at slot `index`. Returns (B, t, D) and the t new keys/values (B, t, K, H) in the cache
+    dtype; the caller writes them into the cache (`lmx.model.stack.decode_layers` does it
+    once for all layers)."""
     q, k, v = self._qkv(x, positions)
+    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
     start = (0, index, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)  # (B, S, K, H)
-    v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+    k_all = jax.lax.dynamic_update_slice(cache.k, k, start)  # (B, S, K, H)
+    v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
     mask = cache_mask(index, x.shape[1], cache.k.shape[1])
     o = _attend(q, k_all, v_all, mask, is_causal=False)  # (B, t, N, H)
-    return self._out(o), LayerCache(k=k_all, v=v_all)
+    return self._out(o), LayerCache(k=k, v=v)

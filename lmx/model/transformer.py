@@ -1,7 +1,11 @@
-"""The decoder-only Transformer: embeddings, a stack of blocks, final norm and LM head.
+"""The decoder-only Transformer: embeddings, the layer stack, final norm and LM head.
 
-    tokens (B, T) -> embed (+ positions) -> [Block] x n_layers -> norm -> logits (B, T, V)
+    tokens (B, T) -> embed (+ positions) -> LayerStack (scan over L blocks) -> norm
+                  -> logits (B, T, V)
 
+The blocks live in one `LayerStack` (lmx.model.stack): a single Block whose parameters
+carry a leading 'layers' axis (`layers.block.attn.wq` is (L, D, N, H)), run by a scan, so
+compile time does not grow with depth and a pipeline stage is a slice of that axis.
 Parameters are float32; activations run in `cfg.dtype`; logits come back float32 (the
 softmax over V is where low precision hurts most). `cfg.remat` trades compute for memory
 per block: 'full' recomputes the whole block in the backward pass, 'save_dots' keeps the
@@ -18,63 +22,22 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from lmx.config import ModelConfig
-from lmx.model.attention import Attention, LayerCache
-from lmx.model.layers import PROJECTION, compute_dtype, normal, param
-from lmx.model.mlp import MLP
+from lmx.model.attention import LayerCache
+from lmx.model.layers import compute_dtype, normal, param
 from lmx.model.norms import make_norm
 from lmx.model.positions import LearnedPositions, sinusoidal
+from lmx.model.stack import LayerStack
 from lmx.parallel.mesh import constrain
 
 _ACT = ("batch", "seq", "embed")
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing but the block inputs
-    # Saves x @ W results (no batch dims; `project` names its outputs) but not the batched
-    # attention einsums, whose (B, N, T, S) score tensors are the memory hog at long context.
-    "save_dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(PROJECTION)),
-}
-
 
 @struct.dataclass
 class KVCache:
-  """Per-layer keys/values plus `index`, the int32 number of slots already written."""
-  layers: tuple[LayerCache, ...]
+  """The stack's keys/values, k/v (L, B, S_max, K, H), plus `index`: the int32 number of
+  slots already written (the same for every row and layer)."""
+  layers: LayerCache
   index: jax.Array
-
-
-class Block(nnx.Module):
-  """Attention + MLP with residuals; pre-LN (GPT-2/LLaMA) or post-LN (Vaswani 2017)."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.pre = cfg.norm_position == "pre"
-    self.attn_norm = make_norm(cfg, rngs=rngs)
-    self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = make_norm(cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
-
-  def _mix(self, x, attn_fn):
-    """The residual wiring; attn_fn(y) -> (attention output, aux) and aux is passed on."""
-    if self.pre:
-      a, aux = attn_fn(self.attn_norm(x))
-      h = x + a
-      return h + self.mlp(self.mlp_norm(h)), aux
-    a, aux = attn_fn(x)
-    h = self.attn_norm(x + a)
-    return self.mlp_norm(h + self.mlp(h)), aux
-
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None) -> jax.Array:  # (B, T, D) -> (B, T, D)
-    out, _ = self._mix(x, lambda y: (self.attn(y, positions, segment_ids), None))
-    return constrain(out, _ACT)
-
-  def decode(self, x, positions, cache: LayerCache, index) -> tuple[jax.Array, LayerCache]:
-    return self._mix(x, lambda y: self.attn.decode(y, positions, cache, index))
-
-
-def _block_forward(block: Block, x, positions, segment_ids):
-  return block(x, positions, segment_ids)
 
 
 def head_logits(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -91,7 +54,7 @@ class Transformer(nnx.Module):
     d, v = cfg.d_model, cfg.vocab_size
     self.embed = param(rngs.params(), (v, d), ("vocab", "embed"), normal(cfg.init_std))
     self.pos_embed = LearnedPositions(cfg, rngs=rngs) if cfg.position == "learned" else None
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.layers = LayerStack(cfg, rngs=rngs)
     self.final_norm = make_norm(cfg, rngs=rngs)
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs.params(), (d, v), ("embed", "vocab"), normal(cfg.init_std)))
@@ -120,13 +83,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = self._embed(tokens, positions)
-    if self.cfg.remat == "none":
-      fn = _block_forward
-    else:
-      fn = nnx.remat(_block_forward, policy=_REMAT_POLICIES[self.cfg.remat])
-    for block in self.blocks:
-      x = fn(block, x, positions, segment_ids)
-    return self.final_norm(x)
+    return self.final_norm(self.layers(x, positions, segment_ids))
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
@@ -144,8 +101,8 @@ class Transformer(nnx.Module):
     if self.cfg.position == "learned" and max_len > self.cfg.max_seq_len:
       raise ValueError(f"init_cache: max_len={max_len} exceeds model.max_seq_len="
                        f"{self.cfg.max_seq_len}, the size of the learned position table.")
-    layers = tuple(b.attn.init_cache(batch, max_len) for b in self.blocks)
-    return KVCache(layers=layers, index=jnp.zeros((), jnp.int32))
+    return KVCache(layers=self.layers.init_cache(batch, max_len),
+                   index=jnp.zeros((), jnp.int32))
 
   def decode(self, tokens: jax.Array, positions: jax.Array,
              cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -155,9 +112,6 @@ class Transformer(nnx.Module):
     keeps cache.index + t <= max_len (writes past the end are clamped by XLA).
     """
     x = self._embed(tokens, positions)
-    new_layers = []
-    for block, layer_cache in zip(self.blocks, cache.layers):
-      x, c = block.decode(x, positions, layer_cache, cache.index)
-      new_layers.append(c)
+    x, layers = self.layers.decode(x, positions, cache.layers, cache.index)
     new_index = cache.index + jnp.int32(tokens.shape[1])
-    return self._logits(x), KVCache(layers=tuple(new_layers), index=new_index)
+    return self._logits(x), KVCache(layers=layers, index=new_index)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from lmx.config import TrainConfig
 
@@ -44,8 +45,17 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 def decay_mask(params):
   """True where weight decay applies: matrices and up. Norm scales and biases (1-D) and
-  scalars are not decayed -- shrinking a norm gain toward 0 only fights the next layer."""
-  return jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
+  scalars are not decayed -- shrinking a norm gain toward 0 only fights the next layer.
+  A stacked layer parameter's leading 'layers' axis (lmx.model.stack; read from an
+  nnx.Variable's logical names) does not count: a stack of norm scales (L, D) is 1-D."""
+
+  def decays(x):
+    if isinstance(x, nnx.Variable):
+      names = x.get_metadata().get("out_sharding") or ()
+      return x.replace(jnp.ndim(x.get_value()) - tuple(names).count("layers") > 1)
+    return jnp.ndim(x) > 1
+
+  return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(cfg: TrainConfig, params=None) -> optax.GradientTransformation:

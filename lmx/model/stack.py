@@ -1,0 +1,156 @@
+"""The layer stack: n_layers Blocks held as one module whose parameters carry a leading
+'layers' axis, run by a scan over that axis.
+
+    x (B, T, D) -> Block(params[0]) -> Block(params[1]) -> ... -> x (B, T, D)
+
+Every parameter of `LayerStack.block` is the per-layer parameter with a leading L axis,
+annotated with the logical name 'layers' (mapped to the 'pipeline' mesh axis by
+`lmx.parallel.rules`): attn.wq is (L, D, N, H), attn_norm.scale (L, D), and so on. One
+`jax.lax.scan` runs them, so the traced and compiled program holds one layer however deep
+the model is (compile time flat in depth, docs/benchmarks.md), and a pipeline stage is
+just a slice [i:j] of that axis given to `run_layers`.
+
+`ModelConfig.remat` wraps the scanned layer in `jax.checkpoint`: 'full' saves only each
+layer's input, 'save_dots' also keeps the weight matmuls (recomputing the attention scores
+and the elementwise work). `ModelConfig.scan_layers=False` runs the same stacked
+parameters with the scan fully unrolled, so XLA sees every layer at once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmx.config import ModelConfig
+from lmx.model.attention import Attention, LayerCache
+from lmx.model.layers import PROJECTION, compute_dtype
+from lmx.model.mlp import MLP
+from lmx.model.norms import make_norm
+from lmx.parallel.mesh import constrain
+
+_ACT = ("batch", "seq", "embed")
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing but each layer's input
+    # Saves x @ W results (no batch dims; `project` names its outputs) but not the batched
+    # attention einsums, whose (B, N, T, S) score tensors are the memory hog at long context.
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(PROJECTION)),
+}
+
+
+class Block(nnx.Module):
+  """Attention + MLP with residuals; pre-LN (GPT-2/LLaMA) or post-LN (Vaswani 2017)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.pre = cfg.norm_position == "pre"
+    self.attn_norm = make_norm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = make_norm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def _mix(self, x, attn_fn):
+    """The residual wiring; attn_fn(y) -> (attention output, aux) and aux is passed on."""
+    if self.pre:
+      a, aux = attn_fn(self.attn_norm(x))
+      h = x + a
+      return h + self.mlp(self.mlp_norm(h)), aux
+    a, aux = attn_fn(x)
+    h = self.attn_norm(x + a)
+    return self.mlp_norm(h + self.mlp(h)), aux
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None) -> jax.Array:  # (B, T, D) -> (B, T, D)
+    out, _ = self._mix(x, lambda y: (self.attn(y, positions, segment_ids), None))
+    return constrain(out, _ACT)
+
+  def decode(self, x, positions, cache: LayerCache, index) -> tuple[jax.Array, LayerCache]:
+    """(B, t, D) -> (B, t, D) and this layer's t new keys/values (B, t, K, H)."""
+    return self._mix(x, lambda y: self.attn.decode(y, positions, cache, index))
+
+
+def num_layers(layers: nnx.State) -> int:
+  """The length of the leading 'layers' axis of a stacked (slice of a) layer state."""
+  return jax.tree.leaves(layers)[0].shape[0]
+
+
+def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None, *, remat: str = "none",
+               unroll: bool = False) -> jax.Array:
+  """Run the stacked layers `layers` (any contiguous slice [i:j] of a LayerStack's block
+  state, leading axis j - i) over x (B, T, D) in order; returns (B, T, D).
+
+  `graphdef` is the per-layer Block's (`nnx.split(stack.block)[0]`). Pure: a pipeline
+  stage calls it on its own slice, and running [0:k] then [k:L] equals running [0:L].
+  unroll=True unrolls the scan fully (same numbers, one copy of the layer per layer).
+  """
+
+  def layer(x, params):
+    return nnx.merge(graphdef, params)(x, positions, segment_ids), None
+
+  if remat != "none":
+    # NOTE: prevent_cse only matters where XLA could merge the recomputation back into the
+    # forward pass, i.e. when the loop is unrolled; inside a rolled scan it costs a barrier.
+    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=unroll)
+  x, _ = jax.lax.scan(layer, x, layers, unroll=num_layers(layers) if unroll else 1)
+  return x
+
+
+def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
+                  positions: jax.Array, cache: LayerCache, index: jax.Array, *,
+                  unroll: bool = False) -> tuple[jax.Array, LayerCache]:
+  """Run t new tokens x (B, t, D) through the stacked layers against their stacked cache
+  (k/v (L, B, S, K, H)); write them at slot `index`. Returns (x, updated cache).
+
+  The scan carries only x and emits each layer's t new keys/values (L, B, t, K, H); one
+  write after the scan puts them into the cache, so a donated cache is updated in place
+  rather than copied through the scan.
+  """
+
+  def layer(x, inputs):
+    params, layer_cache = inputs
+    return nnx.merge(graphdef, params).decode(x, positions, layer_cache, index)
+
+  n = num_layers(layers)
+  x, new = jax.lax.scan(layer, x, (layers, cache), unroll=n if unroll else 1)
+  start = (0, 0, index, 0, 0)
+  k = jax.lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), start)
+  v = jax.lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), start)
+  return x, LayerCache(k=k, v=v)
+
+
+class LayerStack(nnx.Module):
+  """`cfg.n_layers` Blocks as one Block whose parameters have a leading 'layers' axis."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+
+    # Each layer draws its own keys (split_rngs), and vmap puts 'layers' first in every
+    # parameter's logical names (flax's spmd.add_axis on the out_sharding metadata).
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_block(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=rngs)
+
+    self.block = make_block(rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None) -> jax.Array:  # (B, T, D) -> (B, T, D)
+    graphdef, layers = nnx.split(self.block)
+    return run_layers(graphdef, layers, x, positions, segment_ids, remat=self.cfg.remat,
+                      unroll=not self.cfg.scan_layers)
+
+  def init_cache(self, batch: int, max_len: int) -> LayerCache:
+    """Zero keys/values (L, B, max_len, K, H) in the compute dtype."""
+    cfg = self.cfg
+    shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+    dtype = compute_dtype(cfg)
+    return LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache,
+             index: jax.Array) -> tuple[jax.Array, LayerCache]:
+    graphdef, layers = nnx.split(self.block)
+    return decode_layers(graphdef, layers, x, positions, cache, index,
+                         unroll=not self.cfg.scan_layers)
