@@ -182,6 +182,13 @@ class TrainConfig:
   grad_clip: float = 1.0  # global-norm clip; 0 disables.
   precision: str = "float32"  # float32 | bfloat16 | float16 (fp16 uses dynamic loss scaling)
   grad_accum_steps: int = 1  # microbatches per optimizer step.
+  # ZeRO stage over the `data` mesh axis (lmx/parallel/zero.py): 0 replicates the state on
+  # it; 1 shards the Adam moments; 2 also reduce-scatters the gradients; 3 also shards the
+  # parameters (= FSDP over `data`). The `fsdp` axis always shards all three.
+  zero_stage: int = 0
+  # ZeRO-Offload: 'pinned_host' keeps the optimizer state in host memory where the backend
+  # has memory kinds (TPU/GPU); '' keeps it on the device. Not available on CPU.
+  optimizer_memory: str = ""
   z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM); 0 disables.
   # Tokens (batch rows x sequence positions) per chunk of the LM head + softmax; the full
   # (B, T, V) logits are never held. 0: one pass over the full logits.
@@ -202,6 +209,9 @@ class TrainConfig:
     _positive("train.log_every", self.log_every)
     _choice("train.precision", self.precision, ("float32", "bfloat16", "float16"))
     _choice("train.schedule", self.schedule, ("cosine", "wsd"))
+    if self.zero_stage not in (0, 1, 2, 3):
+      _fail("train.zero_stage", f"is {self.zero_stage!r}; it must be 0, 1, 2 or 3")
+    _choice("train.optimizer_memory", self.optimizer_memory, ("", "pinned_host"))
     if not (isinstance(self.decay_fraction, (int, float)) and 0.0 < self.decay_fraction <= 1.0):
       _fail("train.decay_fraction", f"is {self.decay_fraction!r}; it must be in (0, 1]")
     if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
@@ -230,13 +240,27 @@ MESH_AXES = ("data", "fsdp", "tensor", "pipeline", "expert")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh sizes; one axis may be -1 (takes the remaining devices). 1 turns an axis off."""
+  """Device mesh sizes; one axis may be -1 (takes the remaining devices). 1 turns an axis off.
+
+  `data`...`expert` are the sizes within one slice (ICI, the fast interconnect); the `dcn_*`
+  factors multiply them across slices (DCN) on multi-slice TPU (or across processes
+  elsewhere), so the mesh axis `data` has data * dcn_data devices.
+  """
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   pipeline: int = 1
   expert: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
+  dcn_pipeline: int = 1
+  dcn_expert: int = 1
+  # Logical-axis rules (lmx/parallel/rules.py): '' or a named set ('default',
+  # 'sequence_parallel'), optionally followed by overrides 'name=axis+axis;name=' that
+  # replace single rules, e.g. 'default;mlp=tensor+fsdp' or 'vocab='.
+  rules: str = ""
 
   def validate(self) -> "MeshConfig":
     sizes = [getattr(self, a) for a in MESH_AXES]
@@ -245,6 +269,15 @@ class MeshConfig:
         _fail(f"mesh.{a}", f"is {s!r}; it must be a positive integer or -1")
     if sizes.count(-1) > 1:
       _fail("mesh", "has more than one axis set to -1; at most one axis may take the rest")
+    for a in MESH_AXES:
+      s = getattr(self, f"dcn_{a}")
+      if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+        _fail(f"mesh.dcn_{a}", f"is {s!r}; it must be a positive integer (1 = one slice)")
+    from lmx.parallel.rules import parse_rules  # validates names and mesh axes
+    try:
+      parse_rules(self.rules)
+    except ValueError as e:
+      _fail("mesh.rules", f"is {self.rules!r}; {e}")
     return self
 
 

@@ -42,7 +42,7 @@ def setup(train: TrainConfig, mesh_cfg=MeshConfig(data=1), n_devices=1, model=MO
     with use_mesh(mesh):
       graphdef, rest, state = init_train_state(lambda rngs: Transformer(model, rngs=rngs), opt,
                                                train, 0, mesh)
-      step = jit_train_step(make_train_step(graphdef, rest, opt, train), state, mesh)
+      step = jit_train_step(make_train_step(graphdef, rest, opt, train), state, mesh, train)
     _CACHE[key] = (mesh, host(state), jax.tree.map(lambda x: x.sharding, state), step)
   mesh, state0, shardings, step = _CACHE[key]
   return mesh, jax.device_put(state0, shardings), step

@@ -73,7 +73,7 @@ def cli_main(argv: list[str]) -> int:
   from lmx.data.tokenizer import load_or_train_tokenizer
   from lmx.experiment import load_experiment, split_config_args
   from lmx.model import Transformer
-  from lmx.parallel.mesh import make_mesh, state_shardings, use_mesh
+  from lmx.parallel.mesh import make_mesh, make_rules, state_shardings, use_mesh
   from lmx.train.checkpoint import restore_params
   from lmx.train.step import jit_eval_step, make_eval_step, put_batch
 
@@ -86,7 +86,7 @@ def cli_main(argv: list[str]) -> int:
   exp, _ = load_experiment(argv)
   mesh = make_mesh(exp.mesh)
   tok = load_or_train_tokenizer(exp)
-  with use_mesh(mesh):
+  with use_mesh(mesh, make_rules(exp.mesh)):
     model = Transformer(exp.model, rngs=nnx.Rngs(params=exp.seed))
     src = restore_params(exp, model, args.checkpoint)
     graphdef, params, other = nnx.split(model, nnx.Param, ...)

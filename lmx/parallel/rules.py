@@ -34,6 +34,40 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# 'sequence_parallel': activations' sequence dimension split over `tensor` (between the
+# column- and row-parallel matmuls XLA all-gathers it); parameters as in the default.
+RULE_SETS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "default": DEFAULT_RULES,
+    "sequence_parallel": tuple((n, ("tensor",) if n == "seq" else a) for n, a in DEFAULT_RULES),
+}
+MESH_AXIS_NAMES = ("data", "fsdp", "tensor", "pipeline", "expert")
+
+
+def parse_rules(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """A rules table from config text: '' or a set name from RULE_SETS, then ';'-separated
+  overrides 'name=axis+axis' ('name=' replicates). Raises ValueError naming the bad part."""
+  parts = [p.strip() for p in (text or "").split(";") if p.strip()]
+  table = dict(DEFAULT_RULES)
+  if parts and "=" not in parts[0]:
+    name = parts.pop(0)
+    if name not in RULE_SETS:
+      raise ValueError(f"rule set {name!r} is unknown; known sets are {sorted(RULE_SETS)}")
+    table = dict(RULE_SETS[name])
+  for part in parts:
+    name, sep, axes = part.partition("=")
+    name = name.strip()
+    if not sep or name not in table:
+      raise ValueError(f"override {part!r} must be NAME=AXIS+AXIS with NAME one of "
+                       f"{sorted(table)}")
+    mesh_axes = tuple(a.strip() for a in axes.split("+") if a.strip())
+    bad = [a for a in mesh_axes if a not in MESH_AXIS_NAMES]
+    if bad:
+      raise ValueError(f"override {part!r} names mesh axis {bad[0]!r}; mesh axes are "
+                       f"{', '.join(MESH_AXIS_NAMES)}")
+    table[name] = mesh_axes
+  return tuple(table.items())
+
+
 def logical_to_spec(names: Sequence[str | None] | None,
                     rules=DEFAULT_RULES,
                     mesh_axis_sizes: dict[str, int] | None = None) -> PartitionSpec:

@@ -30,7 +30,7 @@ from lmx.eval.perplexity import (UNIGRAM_TRAIN_BATCHES, count_targets, masked_ta
                                  unigram_perplexity, validation_loss)
 from lmx.model import Transformer
 from lmx.parallel.distributed import is_primary, primary_first
-from lmx.parallel.mesh import make_mesh, use_mesh
+from lmx.parallel.mesh import make_mesh, make_rules, use_mesh
 from lmx.runtime import release_free_memory
 from lmx.train.checkpoint import Checkpointer
 from lmx.train.early_stopping import EarlyStopping
@@ -85,6 +85,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
   run_dir = pathlib.Path(exp.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh(exp.mesh)
+  rules = make_rules(exp.mesh)
   # Process 0 fills the shared cache (tokenizer, shards) first; the others then load it.
   tok = primary_first(lambda: load_or_train_tokenizer(exp), "lmx_tokenizer")
   model_cfg = exp.model  # its dtype is train.precision (lmx.config.from_config_dict)
@@ -97,7 +98,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
   val_batches = _validation_batches(exp, tok, cfg.eval_batches)
   release_free_memory()  # what tokenizer training / sharding freed (lmx/runtime.py)
 
-  with use_mesh(mesh):
+  with use_mesh(mesh, rules):
     graphdef, abstract, shardings, init = plan_train_state(
         lambda rngs: Transformer(model_cfg, rngs=rngs), optimizer, cfg, exp.seed, mesh)
     step, resumed_from = 0, None
@@ -115,7 +116,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
       resumed_from = step
       print(f"lmx train: resumed from {ckpt.path(step)}", file=sys.stderr)
     train_step = jit_train_step(make_train_step(graphdef, rest, optimizer, cfg), abstract[0],
-                                mesh)
+                                mesh, cfg)
     eval_fn = jit_eval_step(make_eval_step(graphdef, rest, cfg.loss_chunk_tokens),
                             abstract[0].params, mesh)
 

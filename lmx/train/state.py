@@ -11,7 +11,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from lmx.config import TrainConfig
-from lmx.parallel.mesh import state_shardings
+from lmx.parallel.mesh import check_divisible, state_shardings
+from lmx.parallel.zero import train_state_shardings
 from lmx.train.precision import initial_loss_scale
 
 
@@ -60,7 +61,8 @@ def plan_train_state(make_model: Callable[[nnx.Rngs], nnx.Module],
 
   Returns (graphdef, abstract, shardings, init): `abstract` is the (TrainState, rest) pair
   as ShapeDtypeStructs (`rest` is the model's non-Param state, often empty), `shardings`
-  their NamedShardings from each parameter's logical names, and `init()` allocates both
+  their NamedShardings (logical names through the rules table, and `train.zero_stage`;
+  lmx.parallel.zero), and `init()` allocates both
   directly in that layout with one `jax.jit(..., out_shardings=...)` -- no full copy ever
   sits on one device. A resumed run restores into `abstract` and never calls `init`.
   """
@@ -73,7 +75,10 @@ def plan_train_state(make_model: Callable[[nnx.Rngs], nnx.Module],
   abstract = jax.eval_shape(init)
   graphdef = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(params=seed))),
                        nnx.Param, ...)[0]
-  shardings = state_shardings(abstract, mesh)
+  check_divisible(abstract[0].params, mesh)  # one sentence, before anything compiles
+  shardings = (train_state_shardings(abstract[0], mesh, cfg.zero_stage,
+                                     optimizer_memory=cfg.optimizer_memory),
+               state_shardings(abstract[1], mesh))
   return graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings)
 
 

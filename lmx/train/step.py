@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmx.config import TrainConfig
 from lmx.parallel.mesh import constrain, named_sharding, state_shardings
+from lmx.parallel.zero import constrain_grads, to_device, train_state_shardings
 from lmx.train.loss import chunked_lm_loss, lm_loss
 from lmx.train.optimizer import make_schedule
 from lmx.train.precision import MIN_SCALE, update_loss_scale, uses_loss_scaling
@@ -88,7 +89,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
       g_sum, ce_sum, z_sum, n = carry
       mb = jax.tree.map(lambda x: constrain(x, BATCH_NAMES), mb)
       (_, aux), g = grad_fn(state.params, mb, scale)
-      g_sum = jax.tree.map(jnp.add, g_sum, g)
+      g_sum = constrain_grads(jax.tree.map(jnp.add, g_sum, g), cfg.zero_stage)
       return (g_sum, ce_sum + aux["ce_sum"], z_sum + aux["z_sum"], n + aux["n_tokens"]), None
 
     if k == 1:  # no loop: lets XLA fuse the gradient straight into the update
@@ -97,15 +98,18 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
       ce_sum, z_sum, n = aux["ce_sum"], aux["z_sum"], aux["n_tokens"]
     else:
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+      init = (constrain_grads(zeros, cfg.zero_stage), jnp.float32(0), jnp.float32(0),
+              jnp.float32(0))
       (g_sum, ce_sum, z_sum, n), _ = jax.lax.scan(body, init, micro)
-    grads = jax.tree.map(lambda g: g / state.loss_scale, g_sum)
+    # ZeRO-2/3: each data replica keeps only its slice of the gradient sum (reduce-scatter).
+    grads = constrain_grads(jax.tree.map(lambda g: g / state.loss_scale, g_sum), cfg.zero_stage)
     loss = (ce_sum + z_sum) / denom
     grad_norm = optax.tree.norm(grads)
 
     loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
     ok = loss_ok & grads_ok
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    opt_in = to_device(state.opt_state, cfg.optimizer_memory)  # ZeRO-Offload: host -> device
+    updates, opt_state = optimizer.update(grads, opt_in, state.params)
     params = optax.apply_updates(state.params, updates)
     rng, _ = jax.random.split(state.rng)
 
@@ -127,7 +131,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
     kept = _select(ok, new.replace(consecutive_bad_steps=state.consecutive_bad_steps,
                                    total_bad_steps=state.total_bad_steps,
                                    loss_scale=state.loss_scale, good_steps=state.good_steps),
-                   state)
+                   state.replace(opt_state=opt_in))
     out = kept.replace(loss_scale=new.loss_scale, good_steps=new.good_steps,
                        consecutive_bad_steps=new.consecutive_bad_steps,
                        total_bad_steps=new.total_bad_steps)
@@ -159,11 +163,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return named_sharding(BATCH_NAMES, mesh)
 
 
-def jit_train_step(train_step, state_or_abstract: Any, mesh: Mesh):
-  """jit with the state's own shardings in and out (params and their Adam moments share
-  the params' layout; scalars replicated), the batch split over ('batch', 'seq'), and the
-  input state donated so params/moments are updated in place."""
-  state_sh = state_shardings(state_or_abstract, mesh)
+def jit_train_step(train_step, state_or_abstract: Any, mesh: Mesh,
+                   cfg: TrainConfig | None = None):
+  """jit with the state's shardings in and out (parameters by their logical names; Adam
+  moments in the parameters' layout, plus `data` from ZeRO stage 1; scalars replicated),
+  the batch split over ('batch', 'seq'), and the input state donated so params/moments are
+  updated in place."""
+  cfg = cfg or TrainConfig()  # its zero_stage and optimizer_memory pick the state layout
+  state_sh = train_state_shardings(state_or_abstract, mesh, cfg.zero_stage,
+                                   optimizer_memory=cfg.optimizer_memory)
   return jax.jit(train_step, in_shardings=(state_sh, batch_sharding(mesh)),
                  out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
