@@ -46,6 +46,14 @@ def test_wsd_schedule_warmup_stable_linear_decay():
                              atol=1e-6)
 
 
+def test_warmup_longer_than_the_run_is_capped_at_the_run():
+  """A 5-step smoke run of a preset with 20 warmup steps warms up over the 5 steps."""
+  for schedule in ("cosine", "wsd"):
+    s = make_schedule(TrainConfig(steps=5, warmup_steps=20, learning_rate=1.0,
+                                  schedule=schedule).validate())
+    np.testing.assert_allclose([float(s(x)) for x in (0, 1, 4)], [0.0, 0.2, 0.8], atol=1e-6)
+
+
 def test_decay_mask_excludes_1d_params():
   params = {"w": jnp.ones((3, 4)), "scale": jnp.ones((4,)), "bias": jnp.ones((4,)),
             "e": jnp.ones((2, 3, 4))}

@@ -12,7 +12,7 @@ from lmx.config import TrainConfig
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup 0 -> learning_rate over warmup_steps, then down to
+  """Linear warmup 0 -> learning_rate over min(warmup_steps, steps), then down to
   learning_rate * min_lr_ratio at step `steps` (and flat after):
 
   cosine: a half cosine over all post-warmup steps.
@@ -22,7 +22,8 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
           valid run to branch a decay from.
   """
   peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-  warmup = cfg.warmup_steps
+  # A warmup longer than the run (a 5-step smoke run of a preset) ends at the last step.
+  warmup = min(cfg.warmup_steps, cfg.steps)
   if cfg.schedule == "wsd":
     # The decay never overlaps the warmup: it is cut to the post-warmup span if need be.
     decay = max(min(int(round(cfg.decay_fraction * cfg.steps)), cfg.steps - warmup), 1)
