@@ -28,6 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.shard_docs = 2000  # documents per output JSONL shard.
   p.strip_html = True  # strip markup from documents that look like HTML.
   p.pii = False  # scrub e-mails / phones / IPs (code is full of author e-mails: off here).
+  p.pii_rules = ml_collections.ConfigDict(dict(
+      phone_regions=("CN", "US", "GB", "DE", "FR", "IN", "JP"),  # national phone formats known.
+      national_ids=False,  # also PRC resident ID numbers (checksum-validated) -> <ID>.
+  ))
   p.max_examples = 3  # removed examples kept per reason in each report.
 
   # Code-tolerant heuristic thresholds (the Gopher prose values reject most Python).
@@ -59,13 +63,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       code_extensions=(".py", ".pyi", ".c", ".h", ".js", ".sh"),  # labelled 'code', never dropped.
       keep_undetermined=True,
   ))
-  p.dedup = ml_collections.ConfigDict(dict(
+  p.dedup = ml_collections.ConfigDict(dict(  # defaults from the curve in docs/data.md
       exact=True,
       near=True,
-      threshold=0.7,  # Jaccard of 5-word shingle sets.
-      num_perm=128,
-      shingle="word",  # word | char
-      shingle_size=5,
+      threshold=0.4,  # Jaccard of character 6-gram sets (~5% character edits give ~0.6).
+      num_perm=256,  # MinHash permutations; estimate std <= 0.031.
+      shingle="auto",  # auto (Unicode characters, any script) | char | word | byte
+      shingle_size=6,
+      bands=0,  # LSH bands x rows; 0, 0 = derived from the threshold (85 x 3).
+      rows=0,
       seed=0,
       processes=1,  # >1: signatures in a multiprocessing pool.
   ))

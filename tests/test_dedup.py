@@ -63,12 +63,18 @@ def test_minhash_estimates_exact_jaccard(vocab):
   assert errs.std() < 0.04
 
 
-def test_choose_bands_puts_the_step_near_the_threshold():
-  for t in (0.5, 0.7, 0.85):
-    b, r = dedup.choose_bands(t, 128)
-    assert b * r <= 128
-    p = lambda s: 1 - (1 - s**r) ** b
-    assert p(t - 0.2) < 0.2 and p(min(0.99, t + 0.15)) > 0.8
+def test_choose_bands_places_the_step_for_recall():
+  """Candidates are verified, so LSH must catch pairs just above the threshold (>= 95% at
+  t + 0.05) with as many rows as allow it (fewest chance candidates far below)."""
+  for perm in (128, 256):
+    for t in (0.4, 0.5, 0.7, 0.85):
+      b, r = dedup.choose_bands(t, perm)
+      p = lambda s, b=b, r=r: 1 - (1 - s**r) ** b
+      assert b * r <= perm and b == perm // r
+      assert p(t + 0.05) >= 0.95
+      assert 1 - (1 - (t + 0.05) ** (r + 1)) ** (perm // (r + 1)) < 0.95  # one more row: too few
+      assert p(t - 0.25) < 0.25
+  assert dedup.choose_bands(0.4, 256) == (85, 3)  # the shipped default
 
 
 def test_planted_duplicates_precision_recall(vocab):
@@ -113,7 +119,8 @@ def test_cross_split_removes_training_twin(vocab):
   a = _random_doc(rng, vocab, 300)
   docs = [("a_train", a), ("z_val", _edit(rng, a, vocab, 0.02)),
           ("m_other", _random_doc(rng, vocab, 300))]
-  res = dedup.deduplicate(docs, dedup.DedupConfig(threshold=0.6, shingle_size=3),
+  res = dedup.deduplicate(docs, dedup.DedupConfig(threshold=0.6, shingle="word",
+                                                  shingle_size=3),
                           validation_ids=frozenset({"z_val"}))
   # Smallest id would be a_train, but the validation member must win.
   assert res.drop == {"a_train": "cross_split_duplicate"}
@@ -123,8 +130,9 @@ def test_cross_split_removes_training_twin(vocab):
 def test_multiprocessing_signatures_match_serial(vocab):
   rng = np.random.default_rng(7)
   texts = [_random_doc(rng, vocab, 100) for _ in range(6)]
-  serial = dedup._signatures_worker((texts, "word", 5, 64, 0))
-  d = dedup.Deduplicator(dedup.DedupConfig(num_perm=64, processes=2, exact=False))
+  cfg = dedup.DedupConfig(num_perm=64, processes=2, exact=False)
+  serial = dedup._signatures_worker((texts, cfg.shingle, cfg.shingle_size, 64, 0))
+  d = dedup.Deduplicator(cfg)
   for i, t in enumerate(texts):
     d.add(str(i), t)
   d._flush()
@@ -141,3 +149,24 @@ def test_empty_and_tiny_docs_do_not_crash():
 def test_bad_config_names_field():
   with pytest.raises(ValueError, match="prepare.dedup.threshold"):
     dedup.DedupConfig(threshold=1.5).validate()
+
+
+def test_minhash_signature_is_the_per_function_minimum():
+  """Against the formula computed the plain way (shift every hash, then take the minimum),
+  across several 8192-shingle chunks, and for the empty set."""
+  rng = np.random.default_rng(8)
+  mh = dedup.MinHasher(32, seed=9)
+  for n in (1, 7, 3 * dedup.MinHasher.CHUNK + 5):
+    x = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    with np.errstate(over="ignore"):
+      ref = ((x[:, None] * mh.a[None, :] + mh.b[None, :]) >> np.uint64(32)).min(axis=0)
+    np.testing.assert_array_equal(mh.signature(x), ref.astype(np.uint32))
+  assert (mh.signature(np.zeros(0, np.uint64)) == 0xFFFFFFFF).all()
+
+
+def test_bands_rows_config():
+  assert dedup.DedupConfig().lsh_shape() == (85, 3)
+  assert dedup.DedupConfig(bands=16, rows=8).lsh_shape() == (16, 8)
+  for bad in ({"bands": 16}, {"bands": 64, "rows": 5}, {"rows": -1}):
+    with pytest.raises(ValueError, match="prepare.dedup"):
+      dedup.DedupConfig(**bad).validate()

@@ -38,8 +38,7 @@ def _cfg(tmp_path, name="out", **over):
             "filters": {"min_chars": 30, "max_top_ngram_fraction": 1.0, "max_mean_line_chars": 500.0,
                         "max_dup_ngram_fraction": 1.0},
             "boilerplate": {"min_docs": 10, "sketch_width": 1 << 14},
-            "langid": {"keep": ("en",)},
-            "dedup": {"threshold": 0.7, "shingle_size": 3}}
+            "langid": {"keep": ("en",)}}  # dedup: the shipped defaults
   values.update(over)
   return prepare.prepare_config(values)
 
@@ -63,6 +62,20 @@ def test_end_to_end_reports_and_output(tmp_path):
   assert {r["split"] for r in recs} <= {"train", "validation"}
 
 
+def test_pii_rules_reach_the_scrubber(tmp_path):
+  rng = np.random.default_rng(5)
+  text = _prose(rng) + "Beijing office 010-6552-9981, ID 11010519491231002X.\n"
+  cfg = _cfg(tmp_path, "cn", langid={"enabled": False},
+             pii_rules={"phone_regions": ["CN"], "national_ids": True})
+  s = prepare.run_prepare(cfg, [("a.txt", text)], verbose=False)
+  out = json.loads((tmp_path / "cn" / s["shards"][0]).read_text())["text"]
+  assert "<PHONE>" in out and "<ID>" in out
+  cfg = _cfg(tmp_path, "us", langid={"enabled": False}, pii_rules={"phone_regions": ["US"]})
+  s = prepare.run_prepare(cfg, [("a.txt", text)], verbose=False)
+  out = json.loads((tmp_path / "us" / s["shards"][0]).read_text())["text"]
+  assert "010-6552-9981" in out and "11010519491231002X" in out
+
+
 def test_rerun_is_deterministic(tmp_path):
   a = prepare.run_prepare(_cfg(tmp_path, "a"), _corpus(), verbose=False)
   b = prepare.run_prepare(_cfg(tmp_path, "b"), _corpus(), verbose=False)
@@ -72,7 +85,7 @@ def test_rerun_is_deterministic(tmp_path):
   assert d["output_sha256"] != a["output_sha256"]
 
 
-def test_malformed_input_counted_not_crashing(tmp_path):
+def test_malformed_input_counted_not_crashing(tmp_path, capsys):
   from lmx.config import DataConfig
   src = tmp_path / "src"
   src.mkdir()
@@ -86,11 +99,17 @@ def test_malformed_input_counted_not_crashing(tmp_path):
   stats = corpus.CorpusStats()
   docs = corpus.iter_documents(DataConfig(corpus=str(src)), stats)
   summary = prepare.run_prepare(_cfg(tmp_path, langid={"enabled": False}), docs,
-                                read_stats=stats.as_dict, verbose=False)
+                                read_stats=stats.as_dict, verbose=True)
   read = json.loads((tmp_path / "out" / "reports" / "read.json").read_text())
   assert read["bad_json_lines"] == 2 and read["missing_field_lines"] == 1
   assert read["empty_docs"] == 1 and read["binary_files"] == 1 and read["invalid_utf8_docs"] == 1
   assert summary["docs_in"] == 6
+  # The terminal table's read row: every skipped kind, and 6 + 5 skipped records in.
+  assert read["skipped"] == {"bad_json": 2, "missing_text": 1, "binary": 1, "empty": 1}
+  row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("read "))
+  assert row.split()[1:4] == ["11", "6", "5"]
+  for kind in ("bad_json=2", "missing_text=1", "binary=1", "empty=1", "invalid_utf8=1"):
+    assert kind in row
   norm = json.loads((tmp_path / "out" / "reports" / "normalize.json").read_text())
   assert norm["counts"]["docs_with_replacement_chars"] == 1
   # Bytes and non-text documents handed in directly are counted too.
@@ -136,6 +155,10 @@ def test_bad_prepare_config_names_field():
   from lmx.config import ConfigError
   with pytest.raises(ConfigError, match="prepare.dedup.bogus"):
     prepare.prepare_config({"dedup": {"bogus": 1}})
+  with pytest.raises(ConfigError, match="prepare.dedup.shingle"):
+    prepare.prepare_config({"dedup": {"shingle": "words"}})
+  with pytest.raises(ConfigError, match="prepare.pii_rules.phone_regions"):
+    prepare.prepare_config({"pii_rules": {"phone_regions": ["CN", "XX"]}})
   with pytest.raises(ConfigError, match="prepare.filters.max_symbol_ratio"):
     prepare.prepare_config({"filters": {"max_symbol_ratio": 2.0}})
 

@@ -1,17 +1,25 @@
 """Exact and near-duplicate removal: content hashes, then MinHash signatures + LSH banding.
 
-Near-duplicates (Broder 1997): a document is a set of shingles (word or byte n-grams); the
-Jaccard similarity of two sets is estimated by the share of equal entries in two MinHash
-signatures. LSH cuts a signature into `b` bands of `r` rows; two documents become candidates
-when any band is identical, which happens with probability 1 - (1 - J^r)^b -- an S-curve
-whose step is placed at the configured Jaccard threshold by `choose_bands`. Candidates are
-verified on the full signature, joined by union-find, and each cluster keeps one document.
+Near-duplicates (Broder 1997): a document is a set of shingles (character, word or byte
+n-grams); the Jaccard similarity of two sets is estimated by the share of equal entries in two
+MinHash signatures. LSH cuts a signature into `b` bands of `r` rows; two documents become
+candidates when any band is identical, which happens with probability 1 - (1 - J^r)^b -- an
+S-curve that `choose_bands` places for recall just above the configured threshold. Candidates
+are verified on the full signature, joined by union-find, and each cluster keeps one document.
+
+Shingles (`shingle='auto'`, the default): n-grams of Unicode characters in every script. A
+Han, Kana or Hangul character counts as one unit like a Latin letter, so Chinese text without
+spaces gets as many shingles as it has characters -- word n-grams would make a whole clause
+one "word". Word n-grams stay available (`'word'`), but the measured curve in docs/data.md
+shows why they are not the default for any script: a ~5% character edit touches ~25% of
+English words, so word-shingle Jaccard of such near-copies falls to ~0.1.
 
 Everything is numpy-vectorized: shingles are hashed with a polynomial rolling hash over the
-UTF-8 bytes (uint64 arithmetic wraps mod 2^64), mixed with splitmix64, and the `num_perm`
-hash functions are multiply-shift maps h_i(x) = ((a_i x + b_i) mod 2^64) >> 32 (Dietzfelbinger
-et al. 1997) applied to all shingles at once. Signatures are 4 bytes per permutation, so one
-process holds ~0.5 KB per document at num_perm=128; docs/data.md explains how to shard it.
+code points (or bytes; uint64 arithmetic wraps mod 2^64), mixed with splitmix64, and the
+`num_perm` hash functions are multiply-shift maps h_i(x) = ((a_i x + b_i) mod 2^64) >> 32
+(Dietzfelbinger et al. 1997) applied to all shingles at once. Signatures are 4 bytes per
+permutation, so one process holds ~1 KB per document at num_perm=256; docs/data.md explains
+how to shard it.
 """
 
 from __future__ import annotations
@@ -36,14 +44,21 @@ _LOWER[65:91] += 32
 _SPACE_RE = re.compile(r"\s+")
 
 
+SHINGLES = ("auto", "char", "word", "byte")
+
+
 @dataclasses.dataclass(frozen=True)
 class DedupConfig:
   exact: bool = True
   near: bool = True
-  threshold: float = 0.7  # Jaccard similarity at or above which two documents are near-dups.
-  num_perm: int = 128  # MinHash permutations (signature length).
-  shingle: str = "word"  # word | char  (char = UTF-8 byte n-grams)
-  shingle_size: int = 5  # words (or bytes) per shingle.
+  # Defaults from the precision/recall curve in docs/data.md (planted ~5%-character-edit
+  # copies in English, code, Chinese, mixed markdown and templated text).
+  threshold: float = 0.4  # Jaccard similarity at or above which two documents are near-dups.
+  num_perm: int = 256  # MinHash permutations (signature length).
+  shingle: str = "auto"  # auto | char | word | byte; see `shingle_hashes`.
+  shingle_size: int = 6  # characters (words, bytes) per shingle.
+  bands: int = 0  # LSH bands x rows <= num_perm; 0 and 0 = `choose_bands` (85 x 3 here).
+  rows: int = 0
   seed: int = 0
   processes: int = 1  # >1 computes signatures in a multiprocessing pool.
 
@@ -51,15 +66,30 @@ class DedupConfig:
     if not 0.0 < self.threshold < 1.0:
       raise ValueError(f"Invalid config: `prepare.dedup.threshold` is {self.threshold!r}; it "
                        "must be in (0, 1).")
-    if self.shingle not in ("word", "char"):
+    if self.shingle not in SHINGLES:
       raise ValueError(f"Invalid config: `prepare.dedup.shingle` is {self.shingle!r}; it must "
-                       "be 'word' or 'char'.")
+                       f"be one of {', '.join(repr(k) for k in SHINGLES)}.")
     for f in ("num_perm", "shingle_size", "processes"):
       v = getattr(self, f)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"Invalid config: `prepare.dedup.{f}` is {v!r}; it must be a "
                          "positive integer.")
+    for f in ("bands", "rows"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or v < 0:
+        raise ValueError(f"Invalid config: `prepare.dedup.{f}` is {v!r}; it must be an "
+                         "integer >= 0.")
+    if (self.bands == 0) != (self.rows == 0) or self.bands * self.rows > self.num_perm:
+      raise ValueError(f"Invalid config: `prepare.dedup.bands` x `rows` is {self.bands} x "
+                       f"{self.rows}; set both (product <= num_perm={self.num_perm}) or "
+                       "neither.")
     return self
+
+  def lsh_shape(self) -> tuple[int, int]:
+    """(bands, rows): the configured ones, else derived from the threshold."""
+    if self.bands:
+      return self.bands, self.rows
+    return choose_bands(self.threshold, self.num_perm)
 
 
 def exact_key(text: str) -> bytes:
@@ -103,18 +133,36 @@ def _span_hashes(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
   return ppow[ends - 1] * (s[ends] - s[starts])
 
 
-def shingle_hashes(text: str, kind: str = "word", size: int = 5) -> np.ndarray:
-  """Unique 64-bit hashes of the document's shingles, (S,) uint64, sorted. Case-insensitive."""
-  b = _LOWER[np.frombuffer(text.encode("utf-8", "replace"), np.uint8)]
+def _codepoints(text: str) -> np.ndarray:
+  """Whitespace-collapsed, lowercased text as (C,) uint32 Unicode code points."""
+  t = _SPACE_RE.sub(" ", text).strip().lower()
+  return np.frombuffer(t.encode("utf-32-le", "replace"), np.uint32)
+
+
+def _ngram_hashes(units: np.ndarray, size: int) -> np.ndarray:
+  if len(units) == 0:
+    return np.zeros(0, np.uint64)
+  k = min(size, len(units))
+  starts = np.arange(len(units) - k + 1)
+  return np.unique(_mix64(_span_hashes(units, starts, starts + k)))
+
+
+def shingle_hashes(text: str, kind: str = "auto", size: int = 6) -> np.ndarray:
+  """Unique 64-bit hashes of the document's shingles, (S,) uint64, sorted. Case-insensitive.
+
+  kind: 'auto' = 'char' = n-grams of Unicode characters of the whitespace-collapsed text (any
+  script; a Han character is one unit); 'byte' = n-grams of its UTF-8 bytes (lmx <= 0.1
+  called this 'char'; a Han character is three units); 'word' = n-grams of runs of letters,
+  digits and '_' (a Chinese clause is one word). A text shorter than `size` units is one
+  shingle.
+  """
   with np.errstate(over="ignore"):
-    if kind == "char":
-      b = _LOWER[np.frombuffer(_SPACE_RE.sub(" ", text).strip().encode("utf-8", "replace"),
-                               np.uint8)]
-      if len(b) == 0:
-        return np.zeros(0, np.uint64)
-      k = min(size, len(b))
-      starts = np.arange(len(b) - k + 1)
-      return np.unique(_mix64(_span_hashes(b, starts, starts + k)))
+    if kind in ("auto", "char"):
+      return _ngram_hashes(_codepoints(text), size)
+    if kind == "byte":
+      return _ngram_hashes(_LOWER[np.frombuffer(
+          _SPACE_RE.sub(" ", text).strip().encode("utf-8", "replace"), np.uint8)], size)
+    b = _LOWER[np.frombuffer(text.encode("utf-8", "replace"), np.uint8)]
     word = _WORD_BYTE[b]
     if not word.any():
       return np.zeros(0, np.uint64)
@@ -134,23 +182,29 @@ def shingle_hashes(text: str, kind: str = "word", size: int = 5) -> np.ndarray:
 class MinHasher:
   """`num_perm` multiply-shift hash functions; signature = per-function minimum, uint32."""
 
-  CHUNK = 4096  # shingles per step: bounds the (C, P) temporary to 4 MB at P=128
+  CHUNK = 8192  # shingles per step: a (P, C) uint64 buffer of 8 MB at P=128, reused
 
   def __init__(self, num_perm: int = 128, seed: int = 0):
     rng = np.random.default_rng(seed)
     self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) * _U64(2) + _U64(1)  # odd
     self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
     self.num_perm = num_perm
+    self._buf = np.empty((num_perm, self.CHUNK), np.uint64)
 
   def signature(self, shingles: np.ndarray) -> np.ndarray:
     """(S,) uint64 shingle hashes -> (P,) uint32; an empty set gives all 0xFFFFFFFF."""
-    sig = np.full(self.num_perm, np.iinfo(np.uint32).max, np.uint64)
+    lo = np.full(self.num_perm, np.iinfo(np.uint64).max, np.uint64)
+    a, b = self.a[:, None], self.b[:, None]
     with np.errstate(over="ignore"):
       for i in range(0, len(shingles), self.CHUNK):
-        x = shingles[i:i + self.CHUNK, None]  # (C, 1)
-        h = (x * self.a[None, :] + self.b[None, :]) >> _U64(32)  # (C, P)
-        np.minimum(sig, h.min(axis=0), out=sig)
-    return sig.astype(np.uint32)
+        x = shingles[None, i:i + self.CHUNK]  # (1, C)
+        h = self._buf[:, :x.shape[1]]  # (P, C)
+        np.multiply(a, x, out=h)
+        np.add(h, b, out=h)
+        np.minimum(lo, h.min(axis=1), out=lo)
+    # `>> 32` is monotone, so the minimum of the high halves is the high half of the minimum:
+    # one shift per function instead of one per (shingle, function).
+    return (lo >> _U64(32)).astype(np.uint32)
 
 
 def _signatures_worker(args) -> np.ndarray:
@@ -166,19 +220,22 @@ def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
   return float(np.mean(sig_a == sig_b))
 
 
-def choose_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-  """(bands, rows), bands*rows <= num_perm, minimizing the false-positive area of the
-  S-curve below `threshold` plus the false-negative area above it (equal weights)."""
-  s = np.linspace(0.0, 1.0, 1001)
-  best, best_err = (1, num_perm), np.inf
-  for b in range(1, num_perm + 1):
-    for r in range(1, num_perm // b + 1):
-      p = 1.0 - (1.0 - s**r) ** b  # probability two docs with Jaccard s share a band
-      fp = np.trapezoid(np.where(s < threshold, p, 0.0), s)
-      fn = np.trapezoid(np.where(s >= threshold, 1.0 - p, 0.0), s)
-      if fp + fn < best_err:
-        best, best_err = (b, r), fp + fn
-  return best
+def choose_bands(threshold: float, num_perm: int, margin: float = 0.05,
+                 recall: float = 0.95) -> tuple[int, int]:
+  """(bands, rows) for LSH: the most rows r (fewest chance candidates) such that
+  b = num_perm // r bands make a pair with Jaccard `threshold + margin` a candidate with
+  probability 1 - (1 - J^r)^b >= `recall`.
+
+  Recall first, because LSH only proposes: every candidate is then verified on the full
+  signature, so a false candidate costs one signature comparison while a missed pair is lost.
+  (0.45 / 128 -> 42 x 3; 0.5 / 256 -> 64 x 4; 0.7 / 128 -> 21 x 6.)
+  """
+  j = min(1.0, threshold + margin)
+  for r in range(num_perm, 0, -1):
+    b = num_perm // r
+    if 1.0 - (1.0 - j**r) ** b >= recall:
+      return b, r
+  return num_perm, 1
 
 
 class UnionFind:
@@ -304,7 +361,7 @@ class Deduplicator:
     uf = UnionFind(n)
     for i, j in self.exact_edges:
       uf.union(i, j)
-    bands, rows = choose_bands(self.cfg.threshold, self.cfg.num_perm)
+    bands, rows = self.cfg.lsh_shape()
     if self.cfg.near and self.sigs:
       sigs = np.concatenate(self.sigs)  # (N_unique, P)
       empty = (sigs == np.iinfo(np.uint32).max).all(axis=1)  # no shingles: never a near-dup

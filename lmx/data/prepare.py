@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from lmx.data import boilerplate as bp
 from lmx.data import clean, dedup, langid, pii, quality
+from lmx.data.pii import PiiConfig  # NOTE: inside PrepareConfig, `pii` is the bool field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class PrepareConfig:
   shard_docs: int = 2000  # documents per output JSONL shard.
   strip_html: bool = True  # strip markup from documents that look like HTML.
   pii: bool = False  # scrub e-mails, phone numbers and IPs.
+  pii_rules: PiiConfig = PiiConfig()  # phone regions, national IDs.
   max_examples: int = 3  # removed examples kept per reason in each report.
   filters: clean.FilterConfig = clean.FilterConfig()
   boilerplate: bp.BoilerplateConfig = bp.BoilerplateConfig()
@@ -44,7 +46,11 @@ class PrepareConfig:
 
 _SUBSECTIONS = {"filters": clean.FilterConfig, "boilerplate": bp.BoilerplateConfig,
                 "langid": langid.LangIdConfig, "dedup": dedup.DedupConfig,
-                "quality": quality.QualityConfig}
+                "quality": quality.QualityConfig, "pii_rules": PiiConfig}
+# Reader counters (lmx.data.corpus.CorpusStats) of input that never became a document, with
+# their names on the terminal; invalid UTF-8 is repaired and kept, so it is shown apart.
+_READ_SKIPPED = (("bad_json_lines", "bad_json"), ("missing_field_lines", "missing_text"),
+                 ("binary_files", "binary"), ("empty_docs", "empty"))
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -170,7 +176,7 @@ def run_prepare(pcfg: PrepareConfig, documents: Iterable, validation_fraction: f
         r.docs_in += 1
         r.docs_out += 1
         kinds: Counter[str] = Counter()
-        scrubbed = pii.scrub_pii(text, kinds)
+        scrubbed = pii.scrub_pii(text, kinds, pcfg.pii_rules)
         for k, v in kinds.items():
           r.count(k, v)
         if kinds:
@@ -229,6 +235,8 @@ def run_prepare(pcfg: PrepareConfig, documents: Iterable, validation_fraction: f
   rd.docs_out = rd.docs_in - len(drops)
   rd.extra.update({"clusters": len(result.clusters), "bands": result.bands,
                    "rows": result.rows, "threshold": pcfg.dedup.threshold,
+                   "shingle": f"{pcfg.dedup.shingle}{pcfg.dedup.shingle_size}",
+                   "num_perm": pcfg.dedup.num_perm,
                    "largest_clusters": result.clusters[:10],
                    "cross_split_removed": sum(v == "cross_split_duplicate"
                                               for v in drops.values())})
@@ -260,7 +268,11 @@ def run_prepare(pcfg: PrepareConfig, documents: Iterable, validation_fraction: f
   total_s = time.perf_counter() - t_start
 
   rep["langid"].extra["languages"] = dict(sorted(lang_counts.items(), key=lambda x: -x[1]))
-  reports = {"read": {"stage": "read", "docs_out": n_read, **(read_stats() if read_stats else {})}}
+  read = {"stage": "read", "docs_out": n_read, **(read_stats() if read_stats else {})}
+  if read_stats:
+    read["skipped"] = {name: read.get(key, 0) for key, name in _READ_SKIPPED}
+    read["docs_in"] = n_read + sum(read["skipped"].values())
+  reports = {"read": read}
   for name, r in rep.items():
     if r.docs_in:
       reports[name] = r.to_json()
@@ -345,6 +357,11 @@ def format_table(reports: dict[str, dict], summary: dict) -> str:
     counts = body.get("counts") or {k: v for k, v in body.items()
                                     if isinstance(v, int) and k not in ("docs_out",)}
     detail = ", ".join(f"{k}={v}" for k, v in list(counts.items())[:5] if v)
+    if name == "read" and "skipped" in body:
+      # Every kind, zeros included: "nothing was skipped" is worth seeing too.
+      detail = ("skipped " + ", ".join(f"{k}={v}" for k, v in body["skipped"].items())
+                + f"; invalid_utf8={body.get('invalid_utf8_docs', 0)} (repaired, kept)"
+                + f"; files={body.get('files', 0)}, mb={body.get('bytes', 0) / 1e6:.1f}")
     if name == "dedup":
       detail += f", clusters={body.get('clusters')}"
     if name == "langid":
