@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
   m.rope_theta = 10000.0  # RoPE base
   m.max_seq_len = 256  # longest sequence the model is used with
   m.tie_embeddings = True  # share input embedding and output projection
+  m.scan_layers = False  # 3 layers unrolled: a faster CPU step than the scan (docs/benchmarks.md)
 
   d = c.data
   d.corpus = "stdlib"  # the Python standard library sources + pydoc topics

@@ -120,7 +120,8 @@ def gpt2_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
         "mlp_norm": {"scale": sd[p + "ln_2.weight"], "bias": sd[p + "ln_2.bias"]},
     })
   return {"embed": sd["wte.weight"], "pos_embed": {"table": sd["wpe.weight"]},
-          "layers": _stack_layers(blocks), "final_norm": {"scale": sd["ln_f.weight"], "bias": sd["ln_f.bias"]}}
+          "layers": _stack_layers(blocks),
+          "final_norm": {"scale": sd["ln_f.weight"], "bias": sd["ln_f.bias"]}}
 
 
 def assign_params(model: nnx.Module, tree: dict) -> None:

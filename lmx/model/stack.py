@@ -13,7 +13,7 @@ just a slice [i:j] of that axis given to `run_layers`.
 `ModelConfig.remat` wraps the scanned layer in `jax.checkpoint`: 'full' saves only each
 layer's input, 'save_dots' also keeps the weight matmuls (recomputing the attention scores
 and the elementwise work). `ModelConfig.scan_layers=False` runs the same stacked
-parameters with the scan fully unrolled, so XLA sees every layer at once.
+parameters unrolled, one slice at a time in a Python loop, so XLA sees every layer at once.
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ def num_layers(layers: nnx.State) -> int:
   return jax.tree.leaves(layers)[0].shape[0]
 
 
+def _slice(layers: nnx.State, i: int) -> nnx.State:
+  """Layer i's parameters (the leading axis indexed away)."""
+  return jax.tree.map(lambda a: a[i], layers)
+
+
 def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None, *, remat: str = "none",
                unroll: bool = False) -> jax.Array:
@@ -84,7 +89,8 @@ def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, position
 
   `graphdef` is the per-layer Block's (`nnx.split(stack.block)[0]`). Pure: a pipeline
   stage calls it on its own slice, and running [0:k] then [k:L] equals running [0:L].
-  unroll=True unrolls the scan fully (same numbers, one copy of the layer per layer).
+  unroll=True runs a Python loop over the layer slices instead of the scan: same numbers,
+  one copy of the layer per layer in the program.
   """
 
   def layer(x, params):
@@ -92,9 +98,15 @@ def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, position
 
   if remat != "none":
     # NOTE: prevent_cse only matters where XLA could merge the recomputation back into the
-    # forward pass, i.e. when the loop is unrolled; inside a rolled scan it costs a barrier.
+    # forward pass, i.e. when unrolled; inside a scan it would only cost a barrier.
     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=unroll)
-  x, _ = jax.lax.scan(layer, x, layers, unroll=num_layers(layers) if unroll else 1)
+  if unroll:
+    # Measured faster on CPU than jax.lax.scan(..., unroll=True), which still stacks every
+    # layer's saved activations into (L, ...) buffers (docs/benchmarks.md).
+    for i in range(num_layers(layers)):
+      x, _ = layer(x, _slice(layers, i))
+    return x
+  x, _ = jax.lax.scan(layer, x, layers)
   return x
 
 
@@ -113,8 +125,14 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
     params, layer_cache = inputs
     return nnx.merge(graphdef, params).decode(x, positions, layer_cache, index)
 
-  n = num_layers(layers)
-  x, new = jax.lax.scan(layer, x, (layers, cache), unroll=n if unroll else 1)
+  if unroll:
+    news = []
+    for i in range(num_layers(layers)):
+      x, c = layer(x, (_slice(layers, i), _slice(cache, i)))
+      news.append(c)
+    new = jax.tree.map(lambda *xs: jnp.stack(xs), *news)  # (L, B, t, K, H)
+  else:
+    x, new = jax.lax.scan(layer, x, (layers, cache))
   start = (0, 0, index, 0, 0)
   k = jax.lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), start)
   v = jax.lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), start)
