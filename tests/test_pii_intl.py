@@ -69,7 +69,7 @@ def test_mixed_script_context(text, out, kinds):
     "f(4386268800)", "range(10000000)",
     # floats and tables of numbers
     "pi = 3.14159265358979", "1234.5678", "6.02214076e23", "sizes 1024 2048 4096 8192",
-    "0 1 2 3 4 5 6 7 8 9", "1 000 000",
+    "0 1 2 3 4 5 6 7 8 9", "1 000 000", "shape 2048 4096", "part no 33471-90901",
     # identifiers that only look like numbers
     "ISBN 978-3-16-148410-0", "port 8080 and 443",
 ])
