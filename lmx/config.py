@@ -186,6 +186,9 @@ class TrainConfig:
   # it; 1 shards the Adam moments; 2 also reduce-scatters the gradients; 3 also shards the
   # parameters (= FSDP over `data`). The `fsdp` axis always shards all three.
   zero_stage: int = 0
+  # Pipeline schedule when mesh.pipeline > 1 (grad_accum_steps microbatches flow through
+  # the stages): 1f1b holds O(stages) microbatch inputs per stage, gpipe all of them.
+  pipeline_schedule: str = "1f1b"  # 1f1b | gpipe
   # ZeRO-Offload: 'pinned_host' keeps the optimizer state in host memory where the backend
   # has memory kinds (TPU/GPU); '' keeps it on the device. Not available on CPU.
   optimizer_memory: str = ""
@@ -212,6 +215,7 @@ class TrainConfig:
     if self.zero_stage not in (0, 1, 2, 3):
       _fail("train.zero_stage", f"is {self.zero_stage!r}; it must be 0, 1, 2 or 3")
     _choice("train.optimizer_memory", self.optimizer_memory, ("", "pinned_host"))
+    _choice("train.pipeline_schedule", self.pipeline_schedule, ("1f1b", "gpipe"))
     if not (isinstance(self.decay_fraction, (int, float)) and 0.0 < self.decay_fraction <= 1.0):
       _fail("train.decay_fraction", f"is {self.decay_fraction!r}; it must be in (0, 1]")
     if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):

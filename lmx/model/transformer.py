@@ -5,7 +5,9 @@
 
 The blocks live in one `LayerStack` (lmx.model.stack): a single Block whose parameters
 carry a leading 'layers' axis (`layers.block.attn.wq` is (L, D, N, H)), run by a scan, so
-compile time does not grow with depth and a pipeline stage is a slice of that axis.
+compile time does not grow with depth and a pipeline stage is a slice of that axis
+(`cfg.scan_layers=False` runs the same parameters unrolled). The KV cache is stacked the
+same way: k/v (L, B, S_max, K, H).
 Parameters are float32; activations run in `cfg.dtype`; logits come back float32 (the
 softmax over V is where low precision hurts most). `cfg.remat` trades compute for memory
 per block: 'full' recomputes the whole block in the backward pass, 'save_dots' keeps the
@@ -67,6 +69,11 @@ class Transformer(nnx.Module):
     elif self.cfg.position == "sinusoidal":
       x = x + sinusoidal(positions, self.cfg.d_model)
     return constrain(x.astype(dtype), _ACT)
+
+  def embed_inputs(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token (+ position) embeddings (B, T, D) in the compute dtype: what the layer stack
+    takes (a pipeline runs the stack itself, lmx.parallel.pipeline)."""
+    return self._embed(tokens, positions)
 
   def head_weight(self) -> jax.Array:
     """The (D, V) output projection in the compute dtype (the embedding's transpose if tied)."""

@@ -147,7 +147,8 @@ _ACTIVE: list[tuple[Mesh, tuple]] = []
 
 
 class use_mesh:
-  """Context: activations constrained by `constrain` are laid out on this mesh."""
+  """Context: activations constrained by `constrain` are laid out on this mesh (None: no
+  constraints, as inside a shard_map body)."""
 
   def __init__(self, mesh: Mesh, rules=DEFAULT_RULES):
     self.item = (mesh, rules)
@@ -160,11 +161,16 @@ class use_mesh:
     _ACTIVE.pop()
 
 
+def active_mesh():
+  """(mesh, rules) of the innermost `use_mesh`, or (None, the default rules)."""
+  return _ACTIVE[-1] if _ACTIVE else (None, DEFAULT_RULES)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrain an activation's layout by logical names (a no-op outside `use_mesh`)."""
   if not _ACTIVE:
     return x
   mesh, rules = _ACTIVE[-1]
-  if mesh.size == 1:
+  if mesh is None or mesh.size == 1:  # None: inside a manual (shard_map) region
     return x
   return jax.lax.with_sharding_constraint(x, named_sharding(names, mesh, rules))

@@ -106,7 +106,7 @@ def constrain_grads(grads, stage: int):
   stages 0-1 all-reduce them to the parameters' layout, 2-3 reduce-scatter them over `data`
   (each replica then holds only the slice its optimizer shard updates)."""
   from lmx.parallel.mesh import _ACTIVE  # the trainer's mesh and rules
-  if not _ACTIVE or _ACTIVE[-1][0].size == 1:
+  if not _ACTIVE or _ACTIVE[-1][0] is None or _ACTIVE[-1][0].size == 1:
     return grads
   mesh, rules = _ACTIVE[-1]
   sh = state_shardings(grads, mesh, rules)

@@ -16,7 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmx.config import TrainConfig
-from lmx.parallel.mesh import constrain, named_sharding, state_shardings
+from lmx.parallel.mesh import active_mesh, constrain, mesh_sizes, named_sharding, state_shardings
+from lmx.parallel.pipeline import pipeline_parts, pipeline_value_and_grad
 from lmx.parallel.zero import constrain_grads, to_device, train_state_shardings
 from lmx.train.loss import chunked_lm_loss, lm_loss
 from lmx.train.optimizer import make_schedule
@@ -60,7 +61,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
                     cfg: TrainConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """`train_step(state, batch) -> (state, metrics)` for a batch of (B, T) arrays.
 
-  With grad_accum_steps=k the batch is cut into k microbatches scanned one after another;
+  With grad_accum_steps=k the batch is cut into k microbatches scanned one after another
+  (or, on a mesh with pipeline > 1, run through the pipeline stages on `pipeline_schedule`);
   token-summed losses and gradients are added and divided once by the total token count,
   so the update equals the one-large-batch update up to float summation order.
   A non-finite loss or gradient norm skips the update: everything but the counters (and
@@ -77,30 +79,46 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
 
   grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
+  # How the batch's (ce_sum, z_sum, n_tokens) and summed gradients are computed: one pass,
+  # k microbatches in a scan, or k microbatches through the pipeline stages.
+  def one_pass(params, batch, scale):
+    mb = jax.tree.map(lambda x: constrain(x, BATCH_NAMES), batch)
+    (_, aux), g = grad_fn(params, mb, scale)  # no loop: XLA fuses the gradient into the update
+    return (aux["ce_sum"], aux["z_sum"], aux["n_tokens"]), g
+
+  def accumulate(params, batch, scale):
+    def body(carry, mb):
+      g_sum, ce_sum, z_sum, n = carry
+      mb = jax.tree.map(lambda x: constrain(x, BATCH_NAMES), mb)
+      (_, aux), g = grad_fn(params, mb, scale)
+      g_sum = constrain_grads(jax.tree.map(jnp.add, g_sum, g), cfg.zero_stage)
+      return (g_sum, ce_sum + aux["ce_sum"], z_sum + aux["z_sum"], n + aux["n_tokens"]), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (constrain_grads(zeros, cfg.zero_stage), jnp.float32(0), jnp.float32(0),
+            jnp.float32(0))
+    (g_sum, ce_sum, z_sum, n), _ = jax.lax.scan(body, init, _split_microbatches(batch, k))
+    return (ce_sum, z_sum, n), g_sum
+
+  def pipelined(params, batch, scale):
+    mesh, rules = active_mesh()
+    parts = pipeline_parts(graphdef, rest, params)
+    return pipeline_value_and_grad(parts, params, batch, scale, kind=cfg.pipeline_schedule,
+                                   microbatches=k, mesh=mesh, rules=rules, z_loss=cfg.z_loss,
+                                   chunk_tokens=cfg.loss_chunk_tokens)
+
   def train_step(state: TrainState, batch: Batch):
-    micro = _split_microbatches(batch, k)
     # The gradient is taken of sum(loss) * loss_scale / n_tokens(whole batch), so the fp16
     # loss scale means what it means elsewhere (a factor on the mean loss): scaling the
     # token *sum* would multiply every cotangent by n_tokens more and overflow fp16.
     denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     scale = state.loss_scale / denom
-
-    def body(carry, mb):
-      g_sum, ce_sum, z_sum, n = carry
-      mb = jax.tree.map(lambda x: constrain(x, BATCH_NAMES), mb)
-      (_, aux), g = grad_fn(state.params, mb, scale)
-      g_sum = constrain_grads(jax.tree.map(jnp.add, g_sum, g), cfg.zero_stage)
-      return (g_sum, ce_sum + aux["ce_sum"], z_sum + aux["z_sum"], n + aux["n_tokens"]), None
-
-    if k == 1:  # no loop: lets XLA fuse the gradient straight into the update
-      mb = jax.tree.map(lambda x: constrain(x[0], BATCH_NAMES), micro)
-      (_, aux), g_sum = grad_fn(state.params, mb, scale)
-      ce_sum, z_sum, n = aux["ce_sum"], aux["z_sum"], aux["n_tokens"]
+    mesh, _ = active_mesh()
+    if mesh is not None and mesh_sizes(mesh).get("pipeline", 1) > 1:
+      engine = pipelined
     else:
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      init = (constrain_grads(zeros, cfg.zero_stage), jnp.float32(0), jnp.float32(0),
-              jnp.float32(0))
-      (g_sum, ce_sum, z_sum, n), _ = jax.lax.scan(body, init, micro)
+      engine = one_pass if k == 1 else accumulate
+    (ce_sum, z_sum, n), g_sum = engine(state.params, batch, scale)
     # ZeRO-2/3: each data replica keeps only its slice of the gradient sum (reduce-scatter).
     grads = constrain_grads(jax.tree.map(lambda g: g / state.loss_scale, g_sum), cfg.zero_stage)
     loss = (ce_sum + z_sum) / denom
