@@ -157,3 +157,12 @@ def test_1f1b_needs_less_activation_memory_than_gpipe_at_16_microbatches():
   # Per stage: 16 vs 6 slots of a (32/16/2=1, 16, 32) fp32 microbatch input = 2 KiB each.
   assert temp["1f1b"] < temp["gpipe"], temp
   assert temp["gpipe"] - temp["1f1b"] >= (16 - 6) * 1 * 16 * 32 * 4, temp
+
+
+@pytest.mark.slow  # builds the state and traces the step
+def test_batch_that_does_not_split_into_microbatches_per_replica_is_one_sentence():
+  from lmx.config import ConfigError
+  train = dataclasses.replace(TRAIN, grad_accum_steps=8)  # 16 rows / 8 = 2 rows over data=4
+  with pytest.raises(ConfigError, match=r"data.batch_size must be a multiple of 32") as e:
+    _train(MeshConfig(data=4, pipeline=2), train, 8, steps=1)
+  assert "\n" not in str(e.value)

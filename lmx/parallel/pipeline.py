@@ -40,6 +40,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from lmx.config import ConfigError
+
 IDLE, FWD, BWD = 0, 1, 2
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -182,9 +184,17 @@ def pipeline_value_and_grad(model_parts, params, batch, scale, *, kind: str, mic
   def unsplit(a):
     return jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])
 
+  baxes = _batch_axes(mesh, rules)
+  n_data = math.prod(dict(mesh.shape)[a] for a in baxes)
+  rows = x.shape[0]
+  if rows % m or (rows // m) % n_data:
+    raise ConfigError(
+        f"Invalid config: the pipeline cuts the global batch of {rows} rows into "
+        f"train.grad_accum_steps={m} microbatches, each split over the {n_data} data-parallel "
+        f"devices ({'x'.join(baxes) or 'none'}); data.batch_size must be a multiple of "
+        f"{m * n_data}.")
   xs = split(x)
   aux = {k: split(batch[k]) for k in ("positions", "segment_ids", "targets", "loss_mask")}
-  baxes = _batch_axes(mesh, rules)
   bspec = P(None, baxes if baxes else None)
   tables = tuple(jnp.asarray(a) for a in (sched.op, sched.mb, sched.arrive_x, sched.arrive_g))
   x_slot, g_slot = jnp.asarray(sched.x_slot), jnp.asarray(sched.g_slot)
