@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
   except FileNotFoundError as e:
     print(f"lmx {name}: {e}", file=sys.stderr)
     return 2
+  except Exception as e:  # in a multi-process job, tell the other processes before dying
+    if name in DISTRIBUTED_COMMANDS:
+      from lmx.parallel.distributed import fail_fast
+      fail_fast(e)  # exits in a multi-process run; returns otherwise
+    raise
 
 
 if __name__ == "__main__":

@@ -47,6 +47,15 @@ def _args(cache: pathlib.Path, run_dir: pathlib.Path, steps: int) -> list[str]:
 LINGERING_LMX = r'''
 import os, sys, time
 from lmx.cli import main
+if os.environ.get("LMX_TEST_RAISE_AT"):  # this process fails with an exception at step N
+  import lmx.train.loop as loop
+  real, calls = loop.put_batch, [0]
+  def failing(batch, mesh):
+    calls[0] += 1
+    if calls[0] >= int(os.environ["LMX_TEST_RAISE_AT"]):
+      raise RuntimeError("injected failure")
+    return real(batch, mesh)
+  loop.put_batch = failing
 rc = main(sys.argv[1:])
 time.sleep(float(os.environ.get("LMX_TEST_LINGER_S", "0")))
 sys.exit(rc)
@@ -159,3 +168,28 @@ def test_a_process_that_finishes_first_is_not_lost(tmp):
   logs = [(tmp / f"clean_{i}.log").read_text() for i in range(2)]
   assert rcs == [0, 0], "\n".join(log[-3000:] for log in logs)
   assert not any("lmx: process" in log for log in logs)
+
+
+@pytest.mark.slow
+def test_an_exception_in_one_process_stops_the_other_at_once(tmp):
+  """Process 1 raises mid-training: it posts its failure before exiting, so process 0
+  leaves within a few heartbeat intervals instead of waiting in the next all-reduce (and
+  then at JAX's shutdown barrier) for minutes."""
+  procs, run_dir = _start(tmp, "raise", steps=100000, LMX_HEARTBEAT_TIMEOUT_S="10",
+                          LMX_TEST_RAISE_AT=("", "4"))
+  try:
+    rc1 = procs[1].wait(timeout=240)
+    failed_at = time.monotonic()
+    rc0 = procs[0].wait(timeout=BOUND_S + 30)
+    elapsed = time.monotonic() - failed_at
+  finally:
+    _stop_all(procs)
+  logs = [(tmp / f"raise_{i}.log").read_text() for i in range(2)]
+  verdict = "lmx: process 1 of 2 failed (RuntimeError: injected failure); exiting."
+  assert rc1 == 1 and "RuntimeError: injected failure" in logs[1], logs[1][-3000:]
+  assert logs[1].rstrip().splitlines()[-1] == verdict, logs[1][-3000:]
+  # Process 0 leaves with status 1 and an lmx line: the posted verdict, or its own failed
+  # all-reduce (the peer's sockets closed) reported the same way.
+  print(f"raise: process 0 rc={rc0} {elapsed:.1f} s after process 1 exited")
+  assert rc0 == 1 and elapsed < BOUND_S, logs[0][-3000:]
+  assert logs[0].rstrip().splitlines()[-1].startswith("lmx: process "), logs[0][-3000:]

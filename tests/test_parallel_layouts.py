@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from lmx.config import MeshConfig, ModelConfig, TrainConfig
 from lmx.model import Transformer
-from lmx.parallel.mesh import make_mesh, use_mesh
+from lmx.parallel.mesh import make_mesh, make_rules, use_mesh
 from lmx.parallel.zero import train_state_shardings
 from lmx.train.optimizer import make_optimizer
 from lmx.train.state import create_train_state, init_train_state
@@ -143,7 +143,7 @@ def _train(mesh_cfg, train, n_devices, steps=5):
   mesh = make_mesh(mesh_cfg, jax.devices()[:n_devices])
   opt = make_optimizer(train)
   losses = []
-  with use_mesh(mesh):
+  with use_mesh(mesh, make_rules(mesh_cfg)):
     graphdef, rest, state = init_train_state(lambda rngs: Transformer(MODEL, rngs=rngs), opt,
                                              train, 0, mesh)
     step = jit_train_step(make_train_step(graphdef, rest, opt, train), state, mesh, train)
@@ -181,3 +181,15 @@ def test_zero2_with_accumulation_and_offload(single_device_losses):
   kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
   assert kinds == {"pinned_host"}
   assert {x.sharding.memory_kind for x in jax.tree.leaves(state.params)} == {"device"}
+
+
+@pytest.mark.slow
+def test_sequence_parallel_rules_train_like_one_device(single_device_losses):
+  """mesh.rules='sequence_parallel' splits activations' sequence dimension over `tensor`
+  (parameters as in the default table): same losses, activations really split."""
+  mesh_cfg = MeshConfig(data=4, tensor=2, rules="sequence_parallel")
+  _, losses = _train(mesh_cfg, TRAIN, 8)
+  np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
+  from lmx.parallel.mesh import named_sharding
+  sh = named_sharding(("batch", "seq", "embed"), make_mesh(mesh_cfg), make_rules(mesh_cfg))
+  assert _norm(sh.spec) == ("data", "tensor")

@@ -203,6 +203,24 @@ class _Watchdog:
     _exit_lost(message)
 
 
+def fail_fast(exc: BaseException) -> None:
+  """Called for an uncaught exception in a multi-process run: post a verdict the other
+  processes' watchdogs read (they exit with it within one beat interval instead of waiting
+  in the next collective until JAX's shutdown timeout), then leave at once."""
+  state = jax_distributed.global_state
+  if state.client is None or state.num_processes < 2:
+    return
+  message = (f"lmx: process {state.process_id} of {state.num_processes} failed "
+             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); exiting.")
+  try:
+    state.client.key_value_set(_WATCH_DIR + "lost", message, allow_overwrite=True)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  import traceback
+  traceback.print_exception(exc)
+  _exit_lost(message)
+
+
 def _start_watchdog(timeout: int) -> None:
   state = jax_distributed.global_state  # the ids, for the explicit and auto-detected start
   if not timeout or state.client is None or state.num_processes < 2:
