@@ -21,8 +21,9 @@ here are spelled out in ASCII):
   refused: dates (`2024-01-15`, `15.01.2024`, `01-01-1980 25:00`), dotted runs with fewer
   than three groups or a one-digit group (decimals, versions), and bare digit runs unless
   they are mobile numbers written in full: `13812345678` is a phone; `2147483647`,
-  `4294967296`, `1700000000`, `0123456789` are not. Two exceptions by custom: North-American
-  `(555) 123-4567` layouts need only the right length (fiction uses the unassigned 555), and
+  `4294967296`, `1700000000`, `0123456789` are not. North-American numbers count only in their
+  3-3-4 layout (`(202) 555-0143`, `1-202-555-0143`), and there the right length suffices:
+  fiction uses the unassigned 555 area code (and `256 512 1024` is a phone, as before).
   Indian mobiles may drop the trunk 0 (`98765 43210`).
   NOTE: what this misses on purpose: a bare landline (`01065529981`), a bare Indian mobile
   (`9876543210`), slash-separated German numbers (`030/12345678`), full-width digits.
@@ -79,7 +80,7 @@ _DATE_RE = re.compile(r"\d{4}([-./ ])\d{1,2}\1\d{1,2}|\d{1,2}([-./ ])\d{1,2}\2\d
 # A date with a 4-digit year anywhere in a candidate (`01-01-1980 25` is a date and an hour).
 _YEAR_DATE_RE = re.compile(r"(?<!\d)(?:(?:19|20)\d\d([-./ ])[01]?\d\1[0-3]?\d"
                            r"|[0-3]?\d([-./])[01]?\d\2(?:19|20)\d\d)(?!\d)")
-_NANP_RE = re.compile(r"(?:\(\d{3}\) ?|\d{3}[ .\-])\d{3}[ .\-]\d{4}")
+_NANP_RE = re.compile(r"(?:1[ .\-])?(?:\(\d{3}\) ?|\d{3}[ .\-])\d{3}[ .\-]\d{4}")
 _DIGIT_RE = re.compile(r"\d")
 _DIGIT_GROUPS_RE = re.compile(r"\d+")
 _CN_ID_RE = re.compile(
@@ -160,6 +161,8 @@ def is_phone(s: str, regions: tuple[str, ...]) -> bool:
     return phonenumbers.is_possible_number(phonenumbers.parse(s, "US"))
   bare = s.isdigit()
   for region in regions:
+    if region == "US":  # only in the 3-3-4 layout above: `223 3000234` is an NNTP reply
+      continue
     try:
       n = phonenumbers.parse(s, region, keep_raw_input=True)
     except phonenumbers.NumberParseException:
