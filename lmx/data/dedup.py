@@ -151,8 +151,8 @@ def shingle_hashes(text: str, kind: str = "auto", size: int = 6) -> np.ndarray:
   """Unique 64-bit hashes of the document's shingles, (S,) uint64, sorted. Case-insensitive.
 
   kind: 'auto' = 'char' = n-grams of Unicode characters of the whitespace-collapsed text (any
-  script; a Han character is one unit); 'byte' = n-grams of its UTF-8 bytes (lmx <= 0.1
-  called this 'char'; a Han character is three units); 'word' = n-grams of runs of letters,
+  script; a Han character is one unit); 'byte' = n-grams of its UTF-8 bytes (what 'char' meant
+  before the multilingual defaults; a Han character is three units); 'word' = n-grams of runs of letters,
   digits and '_' (a Chinese clause is one word). A text shorter than `size` units is one
   shingle.
   """
@@ -182,7 +182,7 @@ def shingle_hashes(text: str, kind: str = "auto", size: int = 6) -> np.ndarray:
 class MinHasher:
   """`num_perm` multiply-shift hash functions; signature = per-function minimum, uint32."""
 
-  CHUNK = 8192  # shingles per step: a (P, C) uint64 buffer of 8 MB at P=128, reused
+  CHUNK = 8192  # shingles per step: a (P, C) uint64 buffer, 16 MB at P=256, made once
 
   def __init__(self, num_perm: int = 128, seed: int = 0):
     rng = np.random.default_rng(seed)
