@@ -22,7 +22,7 @@ def _experiment(name, arg=None):
 
 
 PRESETS = [("default", None), ("gpt2_124m", None), ("llama", "tiny"), ("llama", "60m"),
-           ("llama", "150m"), ("llama", "1b")]
+           ("llama", "150m"), ("llama", "1b"), ("llama", "70b")]
 
 
 @pytest.mark.parametrize("name,arg", PRESETS)
@@ -30,6 +30,14 @@ def test_accounting_equals_parameter_tree(name, arg):
   cfg = from_config_dict(_experiment(name, arg)).model
   tree = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # no allocation
   assert count_model_params(tree) == accounting.count_params(cfg).params
+
+
+def test_llama_70b_is_llama2_70b():
+  cfg = from_config_dict(_experiment("llama", "70b")).model
+  assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.ff_dim, cfg.vocab_size,
+          cfg.max_seq_len, cfg.tie_embeddings) == (8192, 80, 64, 8, 28672, 32000, 4096, False)
+  # Llama-2-70B's published size (Touvron et al. 2023; the HF checkpoint's tensor sizes).
+  assert accounting.count_params(cfg).params == 68_976_648_192
 
 
 def test_isoflop_sweep_models_equal_parameter_tree(tmp_path):

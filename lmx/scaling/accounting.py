@@ -1,4 +1,6 @@
-"""Exact parameter counts, training FLOPs, memory and MFU for a ModelConfig.
+"""Exact parameter counts, training FLOPs and MFU for a ModelConfig.
+
+Memory per device is planned from the runtime's shardings in `lmx.scaling.memory`.
 
 Conventions (stated once, used everywhere):
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lmx.config import MESH_AXES, MeshConfig, ModelConfig
+from lmx.config import ModelConfig
 
 PF_DAY = 1e15 * 24 * 3600  # FLOPs in one petaFLOP/s-day.
 
@@ -96,27 +98,3 @@ def mfu(tokens_per_second: float, flops_per_tok: float, n_devices: int,
         peak_flops_per_device: float) -> float:
   """Model FLOPs utilization: achieved model FLOP/s over the devices' summed peak."""
   return tokens_per_second * flops_per_tok / (n_devices * peak_flops_per_device)
-
-
-def memory_per_device_bytes(cfg: ModelConfig, mesh: MeshConfig, n_devices: int = 1,
-                            zero_stage: int = 3) -> dict[str, int]:
-  """Bytes per device for fp32 parameters and AdamW state (two fp32 moments).
-
-  Parameters are split over the fsdp, tensor and pipeline axes (ZeRO-3 = FSDP); with
-  `zero_stage` >= 1 the optimizer state is also split over the data axis.
-  """
-  sizes = {a: getattr(mesh, a) for a in MESH_AXES}
-  if -1 in sizes.values():
-    known = 1
-    for s in sizes.values():
-      known *= s if s != -1 else 1
-    for a, s in sizes.items():
-      if s == -1:
-        sizes[a] = max(1, n_devices // known)
-  p = count_params(cfg).params
-  model_split = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
-  opt_split = model_split * (sizes["data"] if zero_stage >= 1 else 1)
-  param_bytes = -(-4 * p // model_split)
-  opt_bytes = -(-8 * p // opt_split)
-  return {"param_bytes": param_bytes, "optimizer_bytes": opt_bytes,
-          "total_bytes": param_bytes + opt_bytes}
