@@ -66,6 +66,7 @@ def _params(module):
           for k in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo")}
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("impl", ["jax", "blocked"])
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])  # MHA, GQA, MQA
 def test_attention_matches_numpy_reference(n_kv_heads, impl):
@@ -81,6 +82,7 @@ def test_attention_matches_numpy_reference(n_kv_heads, impl):
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_gqa_equals_mha_with_repeated_kv_heads():
   gqa_cfg = _cfg(n_kv_heads=2)
   mha_cfg = _cfg(n_kv_heads=4)
@@ -116,6 +118,7 @@ def _np_core(q, k, v, segment_ids):
   return np.einsum("bnts,bsnh->btnh", w, v)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("block", [1, 3, 4, 11])  # ragged last block, one block, per query
 def test_blocked_attention_matches_reference_and_dot_product_attention(n_kv_heads, block):
@@ -151,6 +154,7 @@ def test_query_block_rule():
   assert [query_block(t) for t in (1, 64, 256, 512, 1024, 8192)] == [64, 64, 64, 64, 128, 1024]
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_blocked_attention_bf16_keeps_dtype_and_tracks_float32():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(1, 70, 2, 8)), jnp.float32) for _ in range(3))

@@ -98,6 +98,7 @@ def _assert_same_params(a, b):
                                   err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_restore_params_prefers_best_then_latest(tmp_path):
   from lmx.train.optimizer import make_optimizer
   from lmx.train.state import create_train_state

@@ -71,6 +71,7 @@ def test_derived_sizes():
   assert ModelConfig(d_model=256, n_heads=8, mlp="gelu").ff_dim == 1024
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_gpt2_124m_info_reports_the_known_figure():
   exp, _ = load_experiment(["--config=experiments/gpt2_124m.py"])
   info = experiment_info(exp)
@@ -82,6 +83,7 @@ def test_gpt2_124m_info_reports_the_known_figure():
   assert info["memory_bytes_per_device"] == 12 * 124_439_808
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_info_cli_prints_one_json_line():
   out = subprocess.run([sys.executable, "-m", "lmx.cli", "info",
                         "--config=experiments/gpt2_124m.py"],
@@ -117,6 +119,7 @@ def test_compute_dtype_has_one_source():
   assert exp.model.dtype == exp.train.precision == "bfloat16"
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_generate_builds_the_model_in_the_training_dtype(monkeypatch, tmp_path):
   """`lmx generate` builds its model from the experiment, so it computes in train.precision
   (it used the raw model.dtype, float32, while train and evaluate used bf16)."""

@@ -45,6 +45,7 @@ def test_shingle_count_matches_python_sets(vocab):
   assert len(dedup.shingle_hashes(text, "char", 7)) == len(ref_chars)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_minhash_estimates_exact_jaccard(vocab):
   rng = np.random.default_rng(2)
   mh = dedup.MinHasher(256, seed=3)

@@ -38,12 +38,14 @@ def _greedy_by_full_forward(model, prompt, n):
   return buf[:, t:].tolist()
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_greedy_equals_argmax_of_full_forward(model):
   prompt = [[5, 9, 2, 44], [1, 1, 30, 7]]
   got = generate(model, np.asarray(prompt), 8, temperature=0.0)
   assert got == _greedy_by_full_forward(model, prompt, 8)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_deterministic_under_fixed_seed(model):
   kw = dict(temperature=1.0, top_k=20, top_p=0.95)
   a = generate(model, [3, 4, 5], 12, seed=7, **kw)
@@ -91,6 +93,7 @@ class _CharTokenizer:
     return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_cli_main_plumbing(monkeypatch, capsys):
   import lmx.data.tokenizer
   import lmx.train.checkpoint
@@ -120,6 +123,7 @@ def test_cli_main_plumbing(monkeypatch, capsys):
   assert capsys.readouterr().out.strip() == "ab" + tok.decode(new)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("scan", [True, False])
 def test_decode_step_updates_the_donated_stacked_cache_in_place(scan):
   """The jitted one-token step writes into the donated (L, B, S, K, H) cache: its scratch

@@ -24,6 +24,7 @@ def _np_top_p_set(logits, p):
   return set(order[:n].tolist()), cum
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_top_k_never_samples_outside_top_k():
   logits = jax.random.normal(jax.random.key(1), (3, 40)) * 2
   draws = _draws(logits, 3000, temperature=1.5, top_k=5)
@@ -34,6 +35,7 @@ def test_top_k_never_samples_outside_top_k():
     assert len(seen) == 5  # high temperature: all five do occur
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8, 0.95])
 def test_top_p_keeps_smallest_set_reaching_p(p):
   rng = np.random.default_rng(0)
@@ -45,6 +47,7 @@ def test_top_p_keeps_smallest_set_reaching_p(p):
     assert set(np.flatnonzero(kept[b]).tolist()) == want
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_top_p_samples_stay_in_nucleus_and_follow_renormalized_probs():
   logits = np.array([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
   want_set, _ = _np_top_p_set(logits[0], 0.7)
@@ -69,6 +72,7 @@ def test_empirical_frequencies_match_softmax(temperature):
   np.testing.assert_allclose(freq, expected, atol=0.015)  # ~5 sigma at n=20000
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_top_k_and_top_p_compose():
   logits = jnp.asarray([[3.0, 2.9, 2.8, 0.0, -1.0]], jnp.float32)
   # top_k=4 renormalizes over the first four; the first three hold > 0.9 of that mass.
@@ -76,6 +80,7 @@ def test_top_k_and_top_p_compose():
   assert kept[0].tolist() == [True, True, True, False, False]
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_temperature_zero_is_argmax_and_tiny_temperature_agrees():
   logits = jax.random.normal(jax.random.key(2), (8, 50))
   want = np.argmax(np.asarray(logits), axis=-1)

@@ -21,6 +21,7 @@ def _np_state_dict(model):
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("n_kv_heads, tie", [(2, False), (4, True), (1, False)])
 def test_llama_logits_match_transformers(n_kv_heads, tie):
   cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
@@ -52,6 +53,7 @@ def test_llama_logits_match_transformers(n_kv_heads, tie):
     np.testing.assert_array_equal(v, sd[k], err_msg=k)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_gpt2_logits_match_transformers(tmp_path):
   cfg = ModelConfig(vocab_size=101, d_model=48, n_layers=2, n_heads=4, d_ff=192, mlp="gelu",
                     norm="layernorm", norm_eps=1e-5, position="learned", max_seq_len=24,
@@ -78,6 +80,7 @@ def test_gpt2_logits_match_transformers(tmp_path):
   np.testing.assert_allclose(np.asarray(model(tokens)), want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_assign_params_rejects_wrong_shapes():
   cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=8).validate()
   model = Transformer(cfg, rngs=nnx.Rngs(0))

@@ -26,6 +26,7 @@ CASES = [  # (x shape, w shape, n_in)
 ]
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("xs,ws,n_in", CASES)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_project_value_and_grads_equal_autodiff_of_einsum(xs, ws, n_in, dtype, tol):

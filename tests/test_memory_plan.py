@@ -39,6 +39,7 @@ SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("layout", [pytest.param(k, marks=() if k in ("data:1", "fsdp:0")
                                                  else SLOW) for k in LAYOUTS])
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_plan_equals_compiled_state_and_total_within_15pct(layout):
   mesh_sizes, stage = LAYOUTS[layout]
   accum = 4 if "pipeline" in mesh_sizes else 1
@@ -69,6 +70,7 @@ def _llama_70b(argv=()):
   return exp
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_70b_plans_shape_only_on_an_abstract_mesh():
   exp = _llama_70b()
   assert count_params(exp.model).params == 68_976_648_192  # Llama-2-70B
@@ -100,6 +102,7 @@ def test_zero_stages_shard_over_data_as_the_formulas_say():
   assert len({p.activation_bytes for p in plans}) == 1
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_pipeline_follows_the_runtimes_schedule_table():
   """mesh.pipeline > 1 runs lmx.parallel.pipeline: stages hold 1/p of the layers, and the
   activations are the schedule's input / cotangent slots of one microbatch, not the layers'
@@ -130,6 +133,7 @@ def test_pipeline_follows_the_runtimes_schedule_table():
   assert fsdp.weight_residual_bytes - one_f_one_b.weight_residual_bytes == 2 * layers // 2
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_rules_table_and_tensor_split_are_the_runtimes():
   # mesh.rules 'mlp=' keeps the MLP whole on `tensor`: only attention and vocab split.
   c = SMALL.model
@@ -167,6 +171,7 @@ def test_residuals_follow_remat():
   assert full.working_bytes == none.working_bytes  # one layer recomputed = one layer saved
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_info_reports_plan_fields(capsys):
   from lmx.info import cli_main
   assert cli_main(["--config=experiments/gpt2_124m.py", "--devices", "8",

@@ -82,6 +82,7 @@ def test_every_param_float32_with_known_logical_names():
   assert len(leaves) == 4 + 16
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_init_statistics():
   cfg = tiny(d_model=64, n_layers=8, init_std=0.05, use_bias=True, norm="layernorm")
   m = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -120,6 +121,7 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_causality(kw):
   model = Transformer(tiny(**kw), rngs=nnx.Rngs(0))
@@ -132,6 +134,7 @@ def test_causality(kw):
     assert not np.allclose(out[:, cut], base[:, cut], atol=1e-4)  # the change is visible
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal"])
 def test_packed_segments_do_not_attend_across(position):
   model = Transformer(tiny(position=position, n_kv_heads=2), rngs=nnx.Rngs(0))
@@ -147,6 +150,7 @@ def test_packed_segments_do_not_attend_across(position):
   assert not np.allclose(leaky[:, 5:], forward(model, b), atol=1e-4)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_pre_and_post_ln_both_run_and_differ():
   tokens = _tokens((2, 8))
   pre = Transformer(tiny(norm_position="pre"), rngs=nnx.Rngs(0))
@@ -164,6 +168,7 @@ def test_pre_and_post_ln_both_run_and_differ():
     dict(position="learned", use_bias=True, norm="layernorm", mlp="gelu"),
     dict(position="sinusoidal", n_kv_heads=1, norm_position="post", scan_layers=False),
 ])
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_kv_cache_decode_matches_full_forward(kw):
   model = Transformer(tiny(**kw), rngs=nnx.Rngs(0))
   b, t, prefill = 2, 9, 4
@@ -199,6 +204,7 @@ def _loss_and_grads(cfg, tokens):
   return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_gives_same_loss_and_grads(scan):
   tokens = _tokens((2, 9), seed=4)
@@ -210,6 +216,7 @@ def test_remat_gives_same_loss_and_grads(scan):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), grads, ref_grads)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("n_layers", [2, 3])
 def test_remat_policies_recompute_what_they_promise(n_layers):
   """Counted in the traced gradient, where the scan over layers holds one layer's program
@@ -230,6 +237,7 @@ def test_remat_policies_recompute_what_they_promise(n_layers):
   assert full - save_dots >= 5
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_bf16_compute_returns_float32_logits_close_to_fp32():
   tokens = _tokens((2, 8))
   fp32 = Transformer(tiny(), rngs=nnx.Rngs(0))
@@ -241,6 +249,7 @@ def test_bf16_compute_returns_float32_logits_close_to_fp32():
   assert not np.array_equal(a, np.asarray(b))  # bf16 really was used
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_sharded_forward_matches_single_device():
   from lmx.config import MeshConfig
   from lmx.parallel.mesh import make_mesh, state_shardings, use_mesh

@@ -219,6 +219,7 @@ def test_two_hosts_split_the_stream(env):
     pipeline.make_dataset(exp, tok, "train", 0, 3)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_mixing_matches_token_weights(env):
   root, main, other, tok = env
   exp = _exp(env, seq_len=16)

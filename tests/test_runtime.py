@@ -38,6 +38,7 @@ def _faults(mode: str, n: int, warm: int, measured: int, **env) -> int:
   return int(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @glibc_linux
 def test_kept_memory_is_reused_instead_of_refaulted():
   system = _faults("system", 4096, 30, 20)

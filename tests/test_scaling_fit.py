@@ -39,6 +39,7 @@ def isoflop_data(noise=0.0, seed=0, budgets=(1e18, 1e19, 1e20, 1e21), sizes=9, s
 SMALL_GRID = chinchilla.init_grid([0.0, 5.0], [0.0, 5.0], [0.0, 0.5], [0.5, 1.0], [0.5, 1.0])
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_approach3_recovers_parameters():
   n, d, _, loss = isoflop_data(noise=0.002).T
   f = chinchilla.fit_approach3(n, d, loss, grid=SMALL_GRID, n_bootstrap=40)

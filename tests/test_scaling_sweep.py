@@ -159,6 +159,7 @@ def test_fits_read_sweep_results(tmp_path, capsys):
   assert s["budgets"] == sorted(sc.budgets)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_process_pool_runs_every_planned_run(tmp_path):
   sc = _sweep_config(tmp_path)
   sc.sizes = [s[:2] for s in sc.sizes]  # 6 runs keep the spawned workers' work small

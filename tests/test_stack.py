@@ -76,6 +76,7 @@ def test_stacked_params_lead_with_layers_axis_and_name():
   assert flat["layers"]["block"]["attn"]["wq"].spec == P(None, None, None, None)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("remat", ["none", "save_dots"])
 def test_scan_unrolled_and_loop_agree_values_and_grads(remat):
   cfg = tiny(remat=remat, n_layers=3)
@@ -102,6 +103,7 @@ def test_scan_unrolled_and_loop_agree_values_and_grads(remat):
 
 @pytest.mark.parametrize("kw", [dict(), dict(norm_position="post", norm="layernorm",
                                              use_bias=True, mlp="gelu")])
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_model_scan_equals_unrolled_logits_and_grads(kw):
   tokens = _tokens((2, 9), seed=1)
 
@@ -130,6 +132,7 @@ def test_model_scan_equals_unrolled_logits_and_grads(kw):
   assert not np.allclose(wq[0], wq[1]) and not np.allclose(wq[1], wq[2])
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_slices_compose_like_the_whole_stack(remat):
   """A pipeline stage runs its own slice [i:j] of the layers axis: [0:k] then [k:L] is
@@ -161,6 +164,7 @@ def _compiled_dots(cfg, tokens) -> int:
   return fwd.lower(state).compile().as_text().count(" dot(")
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_scanned_program_holds_one_layer_unrolled_holds_all():
   """What keeps compile time flat in depth: with the scan, XLA compiles one layer whatever
   L is; scan_layers=False unrolls it into L copies."""
@@ -172,6 +176,7 @@ def test_scanned_program_holds_one_layer_unrolled_holds_all():
   assert unrolled[0] - scan[0] >= 9
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_sharded_over_pipeline_matches_single_device():
   """Stacked params split over the 'pipeline' mesh axis along L: same logits."""
   cfg = tiny(vocab_size=64, tie_embeddings=False)

@@ -18,6 +18,7 @@ def _np_loss(logits, targets, mask, z):
   return ((nll * mask).sum() + z * (lse ** 2 * mask).sum()) / n, (nll * mask).sum(), n
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("z", [0.0, 1e-2])
 def test_lm_loss_matches_numpy(z):
   rng = np.random.default_rng(0)
@@ -50,6 +51,7 @@ def _head_problem(dtype=jnp.float32, b=4, t=12, d=8, v=37, seed=0):
   return h, w, targets, mask
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("z,chunk", [(0.0, 8), (0.0, 4 * 12), (1e-2, 12), (1e-2, 1)])
 def test_chunked_loss_value_and_gradients_equal_full_logits(z, chunk):
   """The fused chunked head+loss against lm_loss on the full logits: same loss, same
@@ -74,6 +76,7 @@ def test_chunked_loss_value_and_gradients_equal_full_logits(z, chunk):
                              atol=1e-6)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_chunked_loss_aux_matches_and_keeps_dtypes():
   h, w, targets, mask = _head_problem(jnp.bfloat16)
   _, aux = chunked_lm_loss(h, w, targets, mask, 1e-3, chunk_tokens=16)

@@ -1,5 +1,6 @@
 """Schedule values against the closed-form formula; the weight-decay mask."""
 
+import pytest
 import math
 
 import jax
@@ -54,6 +55,7 @@ def test_warmup_longer_than_the_run_is_capped_at_the_run():
     np.testing.assert_allclose([float(s(x)) for x in (0, 1, 4)], [0.0, 0.2, 0.8], atol=1e-6)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_decay_mask_excludes_1d_params():
   params = {"w": jnp.ones((3, 4)), "scale": jnp.ones((4,)), "bias": jnp.ones((4,)),
             "e": jnp.ones((2, 3, 4))}

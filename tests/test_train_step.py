@@ -64,6 +64,7 @@ def host(tree):
 TRAIN = TrainConfig(steps=50, warmup_steps=2, learning_rate=1e-2, grad_clip=1.0)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_grad_accumulation_equals_large_batch():
   b = batch(1)
   _, s1, step1 = setup(TRAIN)
@@ -78,6 +79,7 @@ def test_grad_accumulation_equals_large_batch():
   assert not np.allclose(np.asarray(s0.params["embed"][...]), np.asarray(s1.params["embed"][...]))
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_chunked_loss_step_equals_full_logits_step():
   """train.loss_chunk_tokens only changes how the head+loss is computed, not the update."""
   bs = [batch(1), batch(2)]
@@ -95,6 +97,7 @@ def test_chunked_loss_step_equals_full_logits_step():
   np.testing.assert_allclose(l8, l_full, rtol=1e-5)
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_sharded_matches_single_device_and_params_are_sharded():
   assert jax.device_count() == 8
   batches = [batch(i) for i in range(3)]
@@ -142,6 +145,7 @@ def test_nonfinite_step_leaves_state_unchanged_and_counts():
   assert int(state.step) == 2
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 def test_fp16_loss_scale_halves_on_overflow_and_skips_update():
   # A scale of 1e38 makes loss * scale overflow to inf in fp32 while the loss is finite.
   train = dataclasses.replace(TRAIN, precision="float16", loss_scale_init=1e38,
@@ -176,6 +180,7 @@ def _run_with_metrics(mesh, state, step, batches):
   return state, out
 
 
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
 @pytest.mark.parametrize("precision,loss_scale", [("bfloat16", 1.0), ("float16", 2.0**15)])
 def test_low_precision_step_tracks_fp32(precision, loss_scale):
   """bf16 and fp16 compute (fp16 with dynamic loss scaling) on CPU: fp32 master weights and
