@@ -120,6 +120,10 @@ def test_cli_with_lmx_model_scorer(tmp_path, capsys):
       "  c.prepare.filters.update(dict(max_symbol_ratio=1.0, max_mean_line_chars=5000.0,\n"
       "      max_top_ngram_fraction=1.0, max_dup_ngram_fraction=1.0, max_dup_line_fraction=1.0))\n"
       "  c.prepare.langid.enabled = False\n  c.prepare.max_examples = 5\n"
+      # The 45 documents are random draws from one 20-word vocabulary: as character 6-grams
+      # (the dedup default) they are near-duplicates of each other; this test is about the
+      # quality filter, so dedup compares word 5-grams here (in which they are distinct).
+      "  c.prepare.dedup.shingle = 'word'\n  c.prepare.dedup.shingle_size = 5\n"
       "  return c\n")
   out_dir = tmp_path / "o"
   rc = prepare.cli_main(["prepare", f"--config={exp_file}", f"--config.data.corpus={src}",

@@ -210,6 +210,12 @@ def fail_fast(exc: BaseException) -> None:
   state = jax_distributed.global_state
   if state.client is None or state.num_processes < 2:
     return
+  timeout = heartbeat_timeout_s()
+  if isinstance(exc, jax.errors.JaxRuntimeError) and timeout:
+    # A failed collective usually means a peer died (its sockets closed). Give the watchdog
+    # the time it needs to name that peer (or to read a peer's own posted verdict); it
+    # exits the process itself. Only if every peer is alive is the failure our own.
+    time.sleep(timeout + 3 * max(0.5, timeout / 10))
   message = (f"lmx: process {state.process_id} of {state.num_processes} failed "
              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); exiting.")
   try:
