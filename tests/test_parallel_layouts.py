@@ -58,6 +58,10 @@ ZERO_SHARDED = {"embed": P("data"), "final_norm.scale": P("data"),
                 "mlp.w_gate": P(None, None, "data"), "mlp.w_up": P(None, None, "data"),
                 "mlp_norm.scale": P(None, "data")}
 
+# Pipeline: each stacked layer parameter splits its leading L axis over `pipeline` (stage s
+# holds layers [s L/p, (s+1) L/p)); the embedding and final norm are replicated.
+PIPELINE = {k: (P() if k in ("embed", "final_norm.scale") else P("pipeline")) for k in PARAMS}
+
 # name -> (mesh, zero_stage, param specs, Adam moment specs)
 LAYOUTS = {
     "data": (MeshConfig(data=8), 0, REPLICATED, REPLICATED),
@@ -67,6 +71,7 @@ LAYOUTS = {
     "zero1": (MeshConfig(data=8), 1, REPLICATED, ZERO_SHARDED),
     "zero2": (MeshConfig(data=8), 2, REPLICATED, ZERO_SHARDED),
     "zero3": (MeshConfig(data=8), 3, ZERO_SHARDED, ZERO_SHARDED),
+    "pipeline2": (MeshConfig(data=4, pipeline=2), 0, PIPELINE, PIPELINE),
 }
 
 
