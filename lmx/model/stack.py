@@ -136,8 +136,8 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
 
   x, new = jax.lax.scan(layer, x, (layers, cache))  # new: (L, B, t, K, H)
   start = (0, 0, index, 0, 0)
-  k = jax.lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), start)
-  v = jax.lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), start)
+  k = jax.lax.dynamic_update_slice(cache.k, new.k, start)  # new is in the cache dtype
+  v = jax.lax.dynamic_update_slice(cache.v, new.v, start)
   return x, LayerCache(k=k, v=v)
 
 
