@@ -143,6 +143,15 @@ class DataConfig:
   shuffle_seed: int = 0
   max_docs: int = 0  # 0 = all documents; >0 caps the corpus (tests, smoke runs).
   mixture: str = ""  # train-only mix 'CORPUS=WEIGHT,...' by token share; '' = data.corpus alone.
+  # 'text': documents from `corpus` (pretraining). 'sft': conversations from `sft_path`
+  # (lmx/data/sft.py), rendered with the chat template, loss on assistant tokens only; the
+  # tokenizer is still the one `corpus` gives, plus the chat role tokens.
+  format: str = "text"
+  sft_path: str = ""  # instruction/chat JSONL; 'stdlib_tasks' derives tasks from the corpus
+  sft_packing: str = "best_fit"  # best_fit | first_fit | pad (one conversation per row)
+  sft_records: int = 2000  # 'stdlib_tasks' only: how many records to derive
+  epochs: int = 0  # sft: passes over the training conversations; 0 repeats until train.steps
+  sft_heldout: float = 0.05  # sft: share of conversations held out (by content hash)
 
   def validate(self) -> "DataConfig":
     _positive("data.seq_len", self.seq_len)
@@ -154,6 +163,16 @@ class DataConfig:
       _fail("data.max_docs", f"is {self.max_docs!r}; it must be >= 0")
     if self.tokenizer_sample_mb <= 0:
       _fail("data.tokenizer_sample_mb", f"is {self.tokenizer_sample_mb!r}; it must be > 0")
+    _choice("data.format", self.format, ("text", "sft"))
+    _choice("data.sft_packing", self.sft_packing, ("best_fit", "first_fit", "pad"))
+    if self.format == "sft" and not self.sft_path:
+      _fail("data.sft_path", "is empty; data.format='sft' needs a JSONL file or 'stdlib_tasks'")
+    if not 0.0 < self.sft_heldout < 1.0:
+      _fail("data.sft_heldout", f"is {self.sft_heldout!r}; it must be in (0, 1)")
+    for f in ("epochs", "sft_records"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or v < 0:
+        _fail(f"data.{f}", f"is {v!r}; it must be an integer >= 0")
     for part in filter(None, self.mixture.split(",")):
       name, sep, w = part.rpartition("=")
       try:
@@ -193,6 +212,15 @@ class TrainConfig:
   # has memory kinds (TPU/GPU); '' keeps it on the device. Not available on CPU.
   optimizer_memory: str = ""
   z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM); 0 disables.
+  # The loss the step optimizes (lmx/train/objectives.py): 'lm' (pretraining and SFT) or
+  # 'distill' (the `distill` section's teacher).
+  objective: str = "lm"
+  # Regular expression over parameter paths ('layers.block.attn.wq'); only matches train
+  # and get optimizer state. '' trains everything unless `peft.method` sets it (lmx/peft).
+  trainable: str = ""
+  # A run directory (or checkpoint folder) whose parameters initialize this run (fine-tuning);
+  # '' starts from random weights. A resumed run ignores it.
+  init_from: str = ""
   # Tokens (batch rows x sequence positions) per chunk of the LM head + softmax; the full
   # (B, T, V) logits are never held. 0: one pass over the full logits.
   loss_chunk_tokens: int = 512
@@ -216,6 +244,13 @@ class TrainConfig:
       _fail("train.zero_stage", f"is {self.zero_stage!r}; it must be 0, 1, 2 or 3")
     _choice("train.optimizer_memory", self.optimizer_memory, ("", "pinned_host"))
     _choice("train.pipeline_schedule", self.pipeline_schedule, ("1f1b", "gpipe"))
+    _choice("train.objective", self.objective, ("lm", "distill"))
+    if self.trainable:
+      import re
+      try:
+        re.compile(self.trainable)
+      except re.error as e:
+        _fail("train.trainable", f"is {self.trainable!r}, not a valid regular expression ({e})")
     if not (isinstance(self.decay_fraction, (int, float)) and 0.0 < self.decay_fraction <= 1.0):
       _fail("train.decay_fraction", f"is {self.decay_fraction!r}; it must be in (0, 1]")
     if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
@@ -236,6 +271,57 @@ class TrainConfig:
       v = getattr(self, f)
       if not isinstance(v, int) or v < 0:
         _fail(f"train.{f}", f"is {v!r}; it must be an integer >= 0")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Knowledge distillation (train.objective='distill', lmx/train/distill.py): a frozen
+  teacher run's soft next-token distribution, mixed with the hard labels."""
+
+  teacher_config: str = ""  # experiment file of the teacher, e.g. 'experiments/default.py'
+  teacher_run: str = ""  # its run directory; '' = the teacher experiment's run_dir
+  temperature: float = 2.0
+  alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha on the hard labels
+  top_k: int = 0  # > 0: the teacher's k most likely tokens per position only
+
+  def validate(self) -> "DistillConfig":
+    if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+      _fail("distill.temperature", f"is {self.temperature!r}; it must be > 0")
+    if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+      _fail("distill.alpha", f"is {self.alpha!r}; it must be in [0, 1]")
+    if not isinstance(self.top_k, int) or self.top_k < 0:
+      _fail("distill.top_k", f"is {self.top_k!r}; it must be an integer >= 0")
+    return self
+
+
+PEFT_METHODS = ("", "lora", "qlora", "bitfit", "prompt", "prefix", "adapter")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Parameter-efficient fine-tuning (lmx/peft): which small modules to add and train.
+
+  method '' trains the model as it is. Every method freezes the base model; what trains is
+  the added modules (all under `*_peft` names) -- `train.trainable` is set from it.
+  """
+
+  method: str = ""  # '' | lora | qlora | bitfit | prompt | prefix | adapter
+  # LoRA / QLoRA: comma-separated projection names (wq, wk, wv, wo, w_gate, w_up, w_down)
+  # or 'all'.
+  targets: str = "wq,wk,wv,wo"
+  rank: int = 8
+  alpha: float = 16.0  # the update is (alpha / rank) * x A B
+  num_virtual_tokens: int = 16  # prompt / prefix tuning
+  adapter_dim: int = 32  # bottleneck adapters: D -> adapter_dim -> D after attention and MLP
+  quant_group: int = 64  # QLoRA: NF4 block size of the frozen base weights
+
+  def validate(self) -> "PeftConfig":
+    _choice("peft.method", self.method, PEFT_METHODS)
+    for f in ("rank", "num_virtual_tokens", "adapter_dim", "quant_group"):
+      _positive(f"peft.{f}", getattr(self, f))
+    if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+      _fail("peft.alpha", f"is {self.alpha!r}; it must be > 0")
     return self
 
 
@@ -324,6 +410,8 @@ SECTIONS: dict[str, type] = {
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
     "sample": SampleConfig,
+    "peft": PeftConfig,
+    "distill": DistillConfig,
 }
 TOP_LEVEL = {"run_dir": str, "seed": int, "name": str}
 
@@ -360,6 +448,8 @@ class Experiment:
   mesh: MeshConfig
   checkpoint: CheckpointConfig
   sample: SampleConfig
+  peft: PeftConfig = PeftConfig()
+  distill: DistillConfig = DistillConfig()
   run_dir: str = "runs/default"
   seed: int = 0
   name: str = "default"
@@ -388,6 +478,22 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> Experiment:
     _fail("model.dtype", f"is {given!r} but train.precision is {precision!r}; the compute dtype "
           "is set by train.precision alone (leave model.dtype unset)")
   kwargs["model"] = dataclasses.replace(kwargs["model"], dtype=precision)
+  if kwargs["peft"].method:
+    from lmx.peft import trainable_pattern  # what the method adds is what trains
+    given = kwargs["train"].trainable
+    if given:
+      _fail("train.trainable", f"is {given!r} but peft.method={kwargs['peft'].method!r} "
+            "already decides what trains; leave train.trainable unset")
+    kwargs["train"] = dataclasses.replace(kwargs["train"],
+                                          trainable=trainable_pattern(kwargs["peft"]))
+  if kwargs["train"].objective == "distill":
+    if not kwargs["distill"].teacher_config:
+      _fail("distill.teacher_config", "is empty; train.objective='distill' needs the teacher's "
+            "experiment file (e.g. 'experiments/default.py')")
+    if kwargs["peft"].method:
+      _fail("peft.method", "must be '' with train.objective='distill' (the student trains whole)")
+    if not kwargs["train"].trainable:  # the teacher rides along frozen (lmx.train.objectives)
+      kwargs["train"] = dataclasses.replace(kwargs["train"], trainable=r"^(?!teacher\.)")
   exp = Experiment(**kwargs)
   if exp.data.seq_len > exp.model.max_seq_len and exp.model.position == "learned":
     _fail("data.seq_len", f"is {exp.data.seq_len}; with learned positions it must be <= "

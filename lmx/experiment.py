@@ -77,3 +77,16 @@ def load_config_dict(argv: Sequence[str]) -> ConfigDict:
 def load_experiment(argv: Sequence[str]) -> tuple[Experiment, ConfigDict]:
   cd = load_config_dict(argv)
   return from_config_dict(cd), cd
+
+
+def sibling_config(here: str, name: str, arg: str | None = None):
+  """`get_config(arg)` of the experiment file `name`.py in the folder of `here` (an
+  experiment's `__file__`): how one experiment builds on another without the experiments
+  folder being importable."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(here).with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"lmx_experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -224,8 +224,21 @@ def tokenizer_cache_key(data_cfg, vocab_size: int) -> str:
   return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_or_train_tokenizer(exp) -> Tokenizer:
-  """`data.tokenizer_path` if set; else the cached (or newly trained) model for this corpus."""
+def load_or_train_tokenizer(exp, *, base: bool = False) -> Tokenizer:
+  """`data.tokenizer_path` if set; else the cached (or newly trained) model for this corpus.
+
+  An SFT run (`data.format='sft'`) gets the base tokenizer -- the one its pretraining run
+  used, with model.vocab_size minus the chat role tokens -- plus those tokens
+  (lmx.data.sft.add_chat_tokens); base=True returns it without them.
+  """
+  if exp.data.format == "sft":
+    import dataclasses
+    from lmx.data.sft import ROLE_TOKENS, add_chat_tokens
+    model = dataclasses.replace(exp.model, vocab_size=exp.model.vocab_size - len(ROLE_TOKENS))
+    inner = dataclasses.replace(exp, model=model,
+                                data=dataclasses.replace(exp.data, format="text"))
+    tok = load_or_train_tokenizer(inner)
+    return tok if base else add_chat_tokens(tok)
   d = exp.data
   if d.tokenizer_path:
     tok = Tokenizer.load(d.tokenizer_path)

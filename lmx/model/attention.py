@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from lmx.config import ModelConfig
-from lmx.model.layers import compute_dtype, normal, output_init_std, param, project, zeros
+from lmx.model.layers import PEFT_SUFFIX, Projections, compute_dtype, normal, output_init_std, param, zeros
 from lmx.model.positions import apply_rope
 from lmx.parallel.mesh import constrain
 
@@ -30,12 +30,14 @@ class LayerCache:
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
-  """Boolean (B, 1, T, T): query t may see key s iff they are in the same segment.
+  """Boolean (B, 1, T, T): query t may see key s iff they are in the same segment, or key
+  s is in segment -1 (prompt tuning's virtual tokens, shared by every segment of a row).
 
   Padding (segment 0) attends only to padding, so no row is fully masked (no NaNs); its
   outputs are masked out of the loss anyway. Causality is added separately.
   """
-  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (same | (segment_ids[:, None, :] < 0))[:, None, :, :]
 
 
 def cache_mask(index: jax.Array, t: int, s_max: int) -> jax.Array:
@@ -111,7 +113,8 @@ def _attend(q, k, v, mask, is_causal: bool, impl: str = "jax") -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal).astype(dtype)
 
 
-class Attention(nnx.Module):
+class Attention(Projections):
+  PROJECTIONS = ("wq", "wk", "wv", "wo")
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
@@ -133,9 +136,9 @@ class Attention(nnx.Module):
     return p[...].astype(compute_dtype(self.cfg))
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
-    q = project(x, self._w(self.wq))  # (B, T, N, H)
-    k = project(x, self._w(self.wk))  # (B, T, K, H)
-    v = project(x, self._w(self.wv))
+    q = self.proj("wq", x)  # (B, T, N, H)
+    k = self.proj("wk", x)  # (B, T, K, H)
+    v = self.proj("wv", x)
     if self.bq is not None:
       q, k, v = q + self._w(self.bq), k + self._w(self.bk), v + self._w(self.bv)
     if self.cfg.position == "rope":
@@ -147,7 +150,7 @@ class Attention(nnx.Module):
     return q, k, v
 
   def _out(self, o: jax.Array) -> jax.Array:  # (B, T, N, H) -> (B, T, D)
-    y = project(o, self._w(self.wo), n_in=2)  # (B, T, D)
+    y = self.proj("wo", o, n_in=2)  # (B, T, D)
     if self.bo is not None:
       y = y + self._w(self.bo)
     return y
@@ -157,6 +160,17 @@ class Attention(nnx.Module):
     """Full-sequence causal attention: x (B, T, D), positions/segment_ids (B, T) -> (B, T, D)."""
     q, k, v = self._qkv(x, positions)
     mask = None if segment_ids is None else segment_mask(segment_ids)
+    prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
+    if prefix is not None:  # prefix tuning: P learned keys/values every query may read
+      pk, pv = prefix(x.shape[0], k.dtype)  # (B, P, K, H)
+      t = x.shape[1]
+      causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+      mask = causal if mask is None else mask & causal
+      mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (pk.shape[1],), bool),
+                              jnp.broadcast_to(mask, mask.shape[:-1] + (t,))], axis=-1)
+      o = _attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), mask,
+                  is_causal=False)
+      return self._out(o)
     o = _attend(q, k, v, mask, is_causal=True, impl=self.cfg.attention_impl)  # (B, T, N, H)
     return self._out(o)
 
@@ -172,5 +186,10 @@ class Attention(nnx.Module):
     k_all = jax.lax.dynamic_update_slice(cache.k, k, start)  # (B, S, K, H)
     v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
     mask = cache_mask(index, x.shape[1], cache.k.shape[1])
+    prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
+    if prefix is not None:  # prefix tuning: the learned keys/values sit before the cache
+      pk, pv = prefix(x.shape[0], k_all.dtype)
+      k_all, v_all = jnp.concatenate([pk, k_all], 1), jnp.concatenate([pv, v_all], 1)
+      mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (pk.shape[1],), bool), mask], -1)
     o = _attend(q, k_all, v_all, mask, is_causal=False)  # (B, t, N, H)
     return self._out(o), LayerCache(k=k, v=v)

@@ -83,6 +83,37 @@ def _matmul_bwd(res, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+PEFT_SUFFIX = "_peft"
+
+
+class Projections(nnx.Module):
+  """Mixin for modules whose weights are projections (Attention, MLP): every projection
+  goes through `self.proj(name, x)`, the one place adapters and quantized weights plug in.
+
+  `getattr(self, name)` is the weight: an `nnx.Param` (float32, cast to the compute dtype
+  at use) or a weight module (e.g. a quantized weight, lmx.peft) called as
+  `w(x, dtype, n_in)`. An optional hook `getattr(self, name + '_peft')` (LoRA, BitFit
+  biases; attached by lmx.peft.apply_peft) maps (x, y) -> y. Without a hook and with a
+  Param weight this is `project(x, w)`, as before.
+  """
+
+  cfg: ModelConfig
+
+  def proj(self, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
+    w = getattr(self, name)
+    dtype = compute_dtype(self.cfg)
+    if isinstance(w, nnx.Variable):
+      y = project(x, w[...].astype(dtype), n_in)
+    else:
+      y = w(x, dtype, n_in)
+    hook = getattr(self, name + PEFT_SUFFIX, None)
+    return y if hook is None else hook(x, y)
+
+  def projection_names(self) -> tuple[str, ...]:
+    """The names `proj` is called with (the LoRA / quantization targets)."""
+    return tuple(getattr(self, "PROJECTIONS", ()))
+
+
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
   """The activation dtype; parameters stay float32 and are cast at use."""
   return jnp.dtype(cfg.dtype)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmx.config import ModelConfig
-from lmx.model.layers import compute_dtype, normal, output_init_std, param, project, zeros
+from lmx.model.layers import Projections, compute_dtype, normal, output_init_std, param, zeros
 from lmx.parallel.mesh import constrain
 
 _ACTIVATIONS = {
@@ -23,7 +23,8 @@ _ACTIVATIONS = {
 }
 
 
-class MLP(nnx.Module):
+class MLP(Projections):
+  PROJECTIONS = ("w_gate", "w_up", "w_down")
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.ff_dim
@@ -44,18 +45,18 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D)
     act = _ACTIVATIONS[self.cfg.mlp]
-    up = project(x, self._w(self.w_up))  # (B, T, F)
+    up = self.proj("w_up", x)  # (B, T, F)
     if self.b_up is not None:
       up = up + self._w(self.b_up)
     if self.w_gate is not None:
-      gate = project(x, self._w(self.w_gate))
+      gate = self.proj("w_gate", x)
       if self.b_gate is not None:
         gate = gate + self._w(self.b_gate)
       h = act(gate) * up
     else:
       h = act(up)
     h = constrain(h, ("batch", "seq", "mlp"))  # (B, T, F)
-    y = project(h, self._w(self.w_down))  # (B, T, D)
+    y = self.proj("w_down", h)  # (B, T, D)
     if self.b_down is not None:
       y = y + self._w(self.b_down)
     return y

@@ -25,7 +25,7 @@ from flax import nnx
 
 from lmx.config import ModelConfig
 from lmx.model.attention import Attention, LayerCache
-from lmx.model.layers import PROJECTION, compute_dtype
+from lmx.model.layers import PEFT_SUFFIX, PROJECTION, compute_dtype
 from lmx.model.mlp import MLP
 from lmx.model.norms import make_norm
 from lmx.parallel.mesh import constrain
@@ -52,15 +52,20 @@ class Block(nnx.Module):
     self.mlp_norm = make_norm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
+  def _hook(self, name: str, y: jax.Array) -> jax.Array:
+    """A sublayer output through its PEFT hook (bottleneck adapter, lmx.peft), if any."""
+    hook = getattr(self, name + PEFT_SUFFIX, None)
+    return y if hook is None else hook(y)
+
   def _mix(self, x, attn_fn):
     """The residual wiring; attn_fn(y) -> (attention output, aux) and aux is passed on."""
     if self.pre:
       a, aux = attn_fn(self.attn_norm(x))
-      h = x + a
-      return h + self.mlp(self.mlp_norm(h)), aux
+      h = x + self._hook("attn", a)
+      return h + self._hook("mlp", self.mlp(self.mlp_norm(h))), aux
     a, aux = attn_fn(x)
-    h = self.attn_norm(x + a)
-    return self.mlp_norm(h + self.mlp(h)), aux
+    h = self.attn_norm(x + self._hook("attn", a))
+    return self.mlp_norm(h + self._hook("mlp", self.mlp(h))), aux
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None) -> jax.Array:  # (B, T, D) -> (B, T, D)

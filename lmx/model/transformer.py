@@ -25,7 +25,7 @@ from flax import nnx, struct
 
 from lmx.config import ModelConfig
 from lmx.model.attention import LayerCache
-from lmx.model.layers import compute_dtype, normal, param
+from lmx.model.layers import PEFT_SUFFIX, compute_dtype, normal, param
 from lmx.model.norms import make_norm
 from lmx.model.positions import LearnedPositions, sinusoidal
 from lmx.model.stack import LayerStack
@@ -89,8 +89,25 @@ class Transformer(nnx.Module):
     head, so a loss can apply `head_weight()` chunk by chunk (`lmx.train.loss`)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    prompt = getattr(self, "prompt" + PEFT_SUFFIX, None)
+    if prompt is not None:  # prompt tuning: P learned input vectors before every row
+      return self._with_prompt(prompt, tokens, positions, segment_ids)
     x = self._embed(tokens, positions)
     return self.final_norm(self.layers(x, positions, segment_ids))
+
+  def _with_prompt(self, prompt, tokens, positions, segment_ids):
+    """Run [P virtual tokens; the row] and return the row's hidden states (B, T, D). The
+    virtual tokens take positions 0..P-1 (the row's shift by P) and segment -1, which
+    every segment of a packed row may attend to (`segment_mask`)."""
+    b, t = tokens.shape
+    p = prompt.length
+    x = jnp.concatenate([prompt(b, compute_dtype(self.cfg)),
+                         self._embed(tokens, positions + p)], axis=1)
+    pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)),
+                           positions + p], axis=1)
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    seg = jnp.concatenate([jnp.full((b, p), -1, seg.dtype), seg], axis=1)
+    return self.final_norm(self.layers(x, pos, seg))[:, p:]
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
@@ -118,6 +135,10 @@ class Transformer(nnx.Module):
     Returns logits float32 (B, t, V) and the cache with index advanced by t. The caller
     keeps cache.index + t <= max_len (writes past the end are clamped by XLA).
     """
+    if getattr(self, "prompt" + PEFT_SUFFIX, None) is not None:
+      raise NotImplementedError("decode: a prompt-tuned model cannot use the KV cache yet "
+                                "(its virtual tokens are not cached); evaluate it with "
+                                "`lmx evaluate`, or use prefix tuning (peft.method='prefix').")
     x = self._embed(tokens, positions)
     x, layers = self.layers.decode(x, positions, cache.layers, cache.index)
     new_index = cache.index + jnp.int32(tokens.shape[1])

@@ -131,7 +131,20 @@ def restore_params(exp, model: nnx.Module, directory: str | None = None) -> dict
   """Load checkpoint params into `model` in place: the best checkpoint if one exists, else the
   latest. `directory` defaults to `exp.run_dir`. Returns {'source', 'step'}."""
   run_dir = pathlib.Path(directory or exp.run_dir)
+  pattern = ""
+  if getattr(exp, "peft", None) is not None and exp.peft.method:
+    # A PEFT run saves only what trained: rebuild base + modules, then load those.
+    from lmx.peft import apply_peft
+    from lmx.train.init_from import base_params, grown_rows
+    if exp.train.init_from:
+      base, _ = base_params(exp.train.init_from, nnx.state(model, nnx.Param), grown_rows(exp))
+      nnx.update(model, base)
+    apply_peft(model, exp.peft, nnx.Rngs(params=exp.seed))
+    pattern = exp.train.trainable
   params = nnx.state(model, nnx.Param)
+  if pattern:
+    from lmx.train.trainable import split_trainable
+    params = split_trainable(params, pattern)[0]
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         params)
   opts = ocp.CheckpointManagerOptions(create=False)

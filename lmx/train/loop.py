@@ -11,6 +11,7 @@ devices). SIGTERM / SIGINT (preemption, Ctrl-C) save a checkpoint and return nor
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lmx.config import Experiment
 from lmx.data.pipeline import make_dataset
@@ -29,6 +31,7 @@ from lmx.data.tokenizer import load_or_train_tokenizer
 from lmx.eval.perplexity import (UNIGRAM_TRAIN_BATCHES, count_targets, masked_targets,
                                  unigram_perplexity, validation_loss)
 from lmx.model import Transformer
+from lmx.peft import apply_peft
 from lmx.parallel.distributed import is_primary, primary_first
 from lmx.parallel.mesh import make_mesh, make_rules, use_mesh
 from lmx.runtime import release_free_memory
@@ -37,7 +40,13 @@ from lmx.train.early_stopping import EarlyStopping
 from lmx.train.metrics import MetricsLogger, plot_loss_curve
 from lmx.train.optimizer import make_optimizer
 from lmx.train.state import plan_train_state
-from lmx.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step, put_batch
+from lmx.train.init_from import base_params, grown_rows
+from lmx.train.objectives import make_objective
+from lmx.train.sources import make_sources
+from lmx.train.step import (batch_spec_for, jit_eval_step, jit_train_step, make_eval_step,
+                            make_train_step, put_batch)
+from lmx.train.trainable import count as trainable_count
+from lmx.train.trainable import join, saved_view, split_trainable
 
 
 class _SignalFlag:
@@ -68,8 +77,40 @@ def _validation_batches(exp: Experiment, tok, limit: int | None) -> list[dict[st
   """The first `limit` validation batches (periodic evals), or all of them (limit=None)."""
   if not exp.train.eval_batches:
     return []
-  ds = make_dataset(exp, tok, "validation", jax.process_index(), jax.process_count())
-  return list(itertools.islice(iter(ds), limit))
+  return make_sources(exp, tok, jax.process_index(), jax.process_count(), limit).validation
+
+
+def _model_parts(exp: Experiment):
+  """(make_model, finish, base, extra): the model; what is attached to it after loading
+  (PEFT modules, a distillation teacher); the base weights `train.init_from` names (None:
+  random init); the teacher's weights (None without distillation)."""
+  make_model = lambda rngs: Transformer(exp.model, rngs=rngs)
+  abstract_params = lambda cfg: nnx.state(
+      nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
+  base = extra = teacher_cfg = None
+  if exp.train.init_from:
+    base, source = base_params(exp.train.init_from, abstract_params(exp.model), grown_rows(exp))
+    print(f"lmx train: initialized from {source}", file=sys.stderr)
+  if exp.train.objective == "distill":
+    from lmx.experiment import load_experiment
+    teacher = load_experiment([f"--config={exp.distill.teacher_config}"])[0]
+    teacher_cfg = dataclasses.replace(teacher.model, dtype=exp.model.dtype)
+    if teacher_cfg.vocab_size != exp.model.vocab_size:
+      raise ValueError(f"distill: the teacher's vocab_size {teacher_cfg.vocab_size} differs "
+                       f"from the student's {exp.model.vocab_size}; they must share a tokenizer")
+    extra, source = base_params(exp.distill.teacher_run or exp.distill.teacher_config,
+                                abstract_params(teacher_cfg))
+    print(f"lmx train: distilling from the teacher {source}", file=sys.stderr)
+
+  def finish(model, rngs, teacher_params):
+    if exp.peft.method:
+      apply_peft(model, exp.peft, rngs)
+    if teacher_cfg is not None:
+      model.teacher = Transformer(teacher_cfg, rngs=rngs)
+      nnx.update(model.teacher, teacher_params)
+
+  needs = exp.peft.method or teacher_cfg is not None
+  return make_model, finish if needs else None, base, extra
 
 
 def train(exp: Experiment, *, max_steps: int | None = None,
@@ -87,22 +128,34 @@ def train(exp: Experiment, *, max_steps: int | None = None,
   mesh = make_mesh(exp.mesh)
   rules = make_rules(exp.mesh)
   # Process 0 fills the shared cache (tokenizer, shards) first; the others then load it.
-  tok = primary_first(lambda: load_or_train_tokenizer(exp), "lmx_tokenizer")
-  model_cfg = exp.model  # its dtype is train.precision (lmx.config.from_config_dict)
+  base_tok = primary_first(lambda: load_or_train_tokenizer(exp), "lmx_tokenizer")
   optimizer = make_optimizer(cfg)
   ckpt = Checkpointer(run_dir, exp.checkpoint)
   stopper = EarlyStopping(cfg.early_stopping_patience)
-  train_it = iter(primary_first(
-      lambda: make_dataset(exp, tok, "train", jax.process_index(), jax.process_count()),
-      "lmx_shards"))
-  val_batches = _validation_batches(exp, tok, cfg.eval_batches)
+  sources = primary_first(
+      lambda: make_sources(exp, base_tok, jax.process_index(), jax.process_count(),
+                           cfg.eval_batches if cfg.eval_batches else 0), "lmx_shards")
+  tok, train_it, val_batches = sources.tokenizer, sources.train, sources.validation
+  objective = make_objective(cfg, exp=exp)
   release_free_memory()  # what tokenizer training / sharding freed (lmx/runtime.py)
 
   with use_mesh(mesh, rules):
+    make_model, finish, base, extra = _model_parts(exp)
     graphdef, abstract, shardings, init = plan_train_state(
-        lambda rngs: Transformer(model_cfg, rngs=rngs), optimizer, cfg, exp.seed, mesh)
+        make_model, optimizer, cfg, exp.seed, mesh, base=base, finish=finish, extra=extra)
+    n_train, n_all = trainable_count(abstract[0].params, cfg.trainable)
+    if cfg.trainable:
+      print(f"lmx train: training {n_train:,} of {n_all:,} parameters "
+            f"({n_train / n_all:.4%}; train.trainable={cfg.trainable!r})", file=sys.stderr)
+    # A run that trains a part saves that part alone (adapters); the rest is rebuilt from
+    # train.init_from on resume.
+    view = lambda st: saved_view(st, cfg.trainable)
     step, resumed_from = 0, None
-    restored = ckpt.restore_latest(abstract[0], shardings[0])
+    restored = ckpt.restore_latest(view(abstract[0]), view(shardings[0]))
+    if restored is not None and cfg.trainable:
+      fresh = init()[0]
+      frozen = split_trainable(fresh.params, cfg.trainable)[1]
+      restored = (restored[0].replace(params=join(restored[0].params, frozen)), *restored[1:])
     if restored is not None and jax.tree.leaves(abstract[1]):
       rest = init()[1]  # non-Param model state is not checkpointed: rebuild it
     else:
@@ -115,18 +168,21 @@ def train(exp: Experiment, *, max_steps: int | None = None,
       stopper.load_state_dict(data_state["early_stopping"])
       resumed_from = step
       print(f"lmx train: resumed from {ckpt.path(step)}", file=sys.stderr)
-    train_step = jit_train_step(make_train_step(graphdef, rest, optimizer, cfg), abstract[0],
-                                mesh, cfg)
-    eval_fn = jit_eval_step(make_eval_step(graphdef, rest, cfg.loss_chunk_tokens),
-                            abstract[0].params, mesh)
+    sample = val_batches[0] if val_batches else None
+    spec = batch_spec_for(objective, sample) if objective.batch_names and sample else None
+    train_step = jit_train_step(make_train_step(graphdef, rest, optimizer, cfg, objective),
+                                abstract[0], mesh, cfg, spec)
+    eval_fn = jit_eval_step(make_eval_step(graphdef, rest, cfg.loss_chunk_tokens, objective),
+                            abstract[0].params, mesh, spec)
 
     def evaluate(params) -> dict[str, float]:
-      out = validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val_batches)
+      out = validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh, spec)), params,
+                            val_batches)
       return {**out, "val_batches": len(val_batches)}
 
     def save(at: int) -> None:
-      ckpt.save(at, state, {"iterator": train_it.get_state(), "step": at,
-                            "early_stopping": stopper.state_dict()})
+      ckpt.save(at, view(state), {"iterator": train_it.get_state(), "step": at,
+                                  "early_stopping": stopper.state_dict()})
 
     # Process 0 owns run_dir's metrics; the others log to their own folder (no interleaving).
     log_dir = run_dir if is_primary() else run_dir / f"process_{jax.process_index()}"
@@ -146,7 +202,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
         if stop_after is not None and step >= stop_after:
           break
         batch = next(train_it)
-        state, m = train_step(state, put_batch(batch, mesh))
+        state, m = train_step(state, put_batch(batch, mesh, spec))
         step += 1
         logger.count_tokens(float(batch["loss_mask"].sum()) * jax.process_count())
         logger.advance()
@@ -179,7 +235,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
           last_eval = (step, val)
           logger.log(step, val, kind="eval")
           if stopper.update(step, val["val_loss"]):
-            ckpt.save_best(step, state.params, val["val_loss"])
+            ckpt.save_best(step, view(state).params, val["val_loss"])
           if stopper.should_stop:
             result["early_stopped"] = True
             save(step)
@@ -195,12 +251,13 @@ def train(exp: Experiment, *, max_steps: int | None = None,
         last = evaluate(state.params)
         logger.log(step, last, kind="eval")
         if stopper.update(step, last["val_loss"]):
-          ckpt.save_best(step, state.params, last["val_loss"])
+          ckpt.save_best(step, view(state).params, last["val_loss"])
       # The reported figures use the WHOLE validation split, not the periodic subset.
-      val_batches = _validation_batches(exp, tok, None)
+      val_batches = _validation_batches(exp, base_tok, None)
       final = evaluate(state.params)
       logger.log(step, final, kind="final_eval")
       result.update(final)
+    if val_batches and not result["stopped_by_signal"] and exp.data.format == "text":
       # Unigram counts: targets of the first min(step, cap) train batches -- the batches this
       # run trained on, regenerated from a fresh iterator (the pipeline is deterministic).
       n_train = max(1, min(step, UNIGRAM_TRAIN_BATCHES))
@@ -211,6 +268,7 @@ def train(exp: Experiment, *, max_steps: int | None = None,
       if jax.process_count() > 1:  # each host saw its slice only: add up the histograms
         counts, valid = _sum_over_processes(counts, valid, exp.model.vocab_size)
       result["unigram_ppl"] = unigram_perplexity(counts, valid, exp.model.vocab_size)
+    result.update(sources.report, trainable_params=n_train, total_params=n_all)
     logger.close()
     ckpt.wait()
     ckpt.close()
@@ -249,8 +307,9 @@ def _print_summary(r: dict[str, Any]) -> None:
     parts.append(f"best val loss on the first {r['subset_val_batches']} validation batches "
                  f"{r['best_subset_val_loss']:.4f} (step {r['best_step']})")
   if "val_loss" in r:
-    parts += [f"val loss {r['val_loss']:.4f} (whole split)", f"val ppl {r['val_ppl']:.2f}",
-              f"unigram ppl {r['unigram_ppl']:.2f}",
+    parts += [f"val loss {r['val_loss']:.4f} (whole split)", f"val ppl {r['val_ppl']:.2f}"]
+  if "unigram_ppl" in r:
+    parts += [f"unigram ppl {r['unigram_ppl']:.2f}",
               f"unigram/model ppl ratio {r['unigram_ppl'] / r['val_ppl']:.1f}"]
   print("lmx train: " + ", ".join(parts), file=sys.stderr)
 

@@ -14,6 +14,7 @@ from lmx.config import TrainConfig
 from lmx.parallel.mesh import check_divisible, state_shardings
 from lmx.parallel.zero import train_state_shardings
 from lmx.train.precision import initial_loss_scale
+from lmx.train.trainable import check_pattern, split_trainable
 
 
 @struct.dataclass
@@ -21,7 +22,8 @@ class TrainState:
   """Everything a bitwise-exact resume needs besides the data iterator position.
 
   params: nnx.State of the model's nnx.Param variables (float32 master weights).
-  opt_state: the optax state; its moments mirror `params` (same tree, same shardings).
+  opt_state: the optax state; its moments mirror the trainable part of `params` (all of
+    it unless `train.trainable` selects a part; same tree, same shardings).
   step: int32, optimizer steps taken (skipped non-finite steps do not count).
   rng: uint32[2] raw PRNG key, split once per step (for stochastic layers / sampling).
   loss_scale: float32, the fp16 dynamic loss scale (1.0 for fp32 / bf16).
@@ -44,7 +46,7 @@ def create_train_state(params: nnx.State, optimizer: optax.GradientTransformatio
   """A fresh state at step 0 (traceable: call it inside `jax.jit` / `jax.eval_shape`)."""
   return TrainState(
       params=params,
-      opt_state=optimizer.init(params),
+      opt_state=optimizer.init(split_trainable(params, cfg.trainable)[0]),
       step=jnp.int32(0),
       rng=jax.random.PRNGKey(seed),
       loss_scale=initial_loss_scale(cfg.precision, cfg.loss_scale_init),
@@ -56,7 +58,8 @@ def create_train_state(params: nnx.State, optimizer: optax.GradientTransformatio
 
 def plan_train_state(make_model: Callable[[nnx.Rngs], nnx.Module],
                      optimizer: optax.GradientTransformation, cfg: TrainConfig, seed: int,
-                     mesh: Mesh):
+                     mesh: Mesh, *, base: nnx.State | None = None,
+                     finish: Callable[..., None] | None = None, extra: Any = None):
   """Shape before memory: plan the state without allocating it.
 
   Returns (graphdef, abstract, shardings, init): `abstract` is the (TrainState, rest) pair
@@ -65,21 +68,34 @@ def plan_train_state(make_model: Callable[[nnx.Rngs], nnx.Module],
   lmx.parallel.zero), and `init()` allocates both
   directly in that layout with one `jax.jit(..., out_shardings=...)` -- no full copy ever
   sits on one device. A resumed run restores into `abstract` and never calls `init`.
+
+  base: parameters loaded into the fresh model (fine-tuning, lmx.train.init_from);
+  finish(model, rngs, extra): run on the model after that (PEFT modules, a distillation
+  teacher); `extra` is its arrays (a teacher's weights), passed into the jitted init.
   """
 
-  def init():
-    model = make_model(nnx.Rngs(params=seed))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
+  def build(base_params, extra_arrays):
+    rngs = nnx.Rngs(params=seed)
+    model = make_model(rngs)
+    if base_params is not None:
+      nnx.update(model, base_params)
+    if finish is not None:
+      finish(model, rngs, extra_arrays)
+    return model
+
+  def init(base_params, extra_arrays):
+    _, params, rest = nnx.split(build(base_params, extra_arrays), nnx.Param, ...)
     return create_train_state(params, optimizer, cfg, seed + 1), rest
 
-  abstract = jax.eval_shape(init)
-  graphdef = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(params=seed))),
-                       nnx.Param, ...)[0]
+  abstract = jax.eval_shape(init, base, extra)
+  graphdef = nnx.split(nnx.eval_shape(lambda: build(None, None)), nnx.Param, ...)[0]
   check_divisible(abstract[0].params, mesh)  # one sentence, before anything compiles
+  check_pattern(abstract[0].params, cfg.trainable)
   shardings = (train_state_shardings(abstract[0], mesh, cfg.zero_stage,
                                      optimizer_memory=cfg.optimizer_memory),
                state_shardings(abstract[1], mesh))
-  return graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings)
+  jitted = jax.jit(init, out_shardings=shardings)
+  return graphdef, abstract, shardings, lambda: jitted(base, extra)
 
 
 def init_train_state(make_model: Callable[[nnx.Rngs], nnx.Module],
