@@ -66,7 +66,16 @@ def experiment_info(exp, n_devices: int | None = None) -> dict:
       "step_gib_per_device": round(plan.total_bytes / 2**30, 4),
       "zero_paper_bytes_per_device": round(plan.zero_paper_bytes),
       "zero_lmx_bytes_per_device": round(plan.zero_lmx_bytes),
+      **_trainable(exp),
   }
+
+
+def _trainable(exp) -> dict:
+  """PEFT / partial training: how much of the model trains (lmx.peft.peft_counts)."""
+  if not (exp.peft.method or exp.train.trainable):
+    return {}
+  from lmx.peft import peft_counts
+  return peft_counts(exp)
 
 
 def plan_table(exp, n_devices: int | None = None) -> str:

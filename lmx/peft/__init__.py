@@ -208,3 +208,45 @@ def merge_lora(model) -> int:
       delattr(mod, name + PEFT_SUFFIX)
       n += 1
   return n
+
+
+def peft_counts(exp) -> dict:
+  """Trainable vs all parameters of `exp`'s model with its PEFT modules, shape-only:
+  {'trainable_params', 'total_params', 'trainable_fraction'}. `total_params` counts
+  weights, not storage: a QLoRA base weight counts its float elements (its NF4 codes and
+  scales are reported as `frozen_base_bytes`)."""
+  from lmx.model import Transformer
+  from lmx.model.layers import count_model_params
+  from lmx.peft.qlora import NF4Weight, QParam
+  from lmx.train.trainable import split_trainable
+
+  def build():
+    model = Transformer(exp.model, rngs=nnx.Rngs(params=0))
+    apply_peft(model, exp.peft, nnx.Rngs(params=1))
+    return model
+
+  model = nnx.eval_shape(build)
+  params = nnx.state(model, nnx.Param)
+  train, frozen = split_trainable(params, exp.train.trainable)
+  n_train = count_model_params(train)
+  quant = [m for _, m in nnx.iter_graph(model) if isinstance(m, NF4Weight)]
+  stored = sum(x.get_value().size for _, x in nnx.iter_graph(model) if isinstance(x, QParam))
+  logical = sum(math.prod(m.static["shape"]) * (model.cfg.n_layers if m.stacked else 1)
+                for m in quant)
+  total = count_model_params(params) - stored + logical
+  out = {"trainable_params": n_train, "total_params": total,
+         "trainable_fraction": n_train / total}
+  if quant:
+    out["frozen_base_bytes"] = sum(
+        x.get_value().size * x.get_value().dtype.itemsize
+        for _, x in nnx.iter_graph(model) if isinstance(x, QParam))
+    out["frozen_base_float32_bytes"] = 4 * logical
+  return out
+
+
+def peft_finish(exp):
+  """`finish(model, rngs, extra)` for lmx.train.state.plan_train_state: attaches
+  `exp.peft`'s modules (None without PEFT)."""
+  if not exp.peft.method:
+    return None
+  return lambda model, rngs, extra=None: apply_peft(model, exp.peft, rngs)

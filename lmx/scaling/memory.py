@@ -154,13 +154,14 @@ def plan_state(exp: Experiment, mesh, zero_stage: int | None = None):
   """(abstract TrainState, its shardings) exactly as the trainer plans them (shape-only)."""
   from lmx.model import Transformer  # the model and trainer only when planning
   from lmx.train.optimizer import make_optimizer
+  from lmx.peft import peft_finish
   from lmx.train.state import plan_train_state
   train = exp.train if zero_stage is None else dataclasses.replace(exp.train,
                                                                   zero_stage=zero_stage)
   with use_mesh(mesh, make_rules(exp.mesh)):
     _, abstract, shardings, _ = plan_train_state(
         lambda rngs: Transformer(exp.model, rngs=rngs), make_optimizer(train), train,
-        exp.seed, mesh)
+        exp.seed, mesh, finish=peft_finish(exp))
   return abstract[0], shardings[0]
 
 
@@ -338,13 +339,15 @@ def compiled_step_memory(exp: Experiment, mesh) -> dict[str, int]:
   under the shardings the compiled executable takes."""
   from lmx.model import Transformer
   from lmx.train.optimizer import make_optimizer
+  from lmx.peft import peft_finish
   from lmx.train.state import plan_train_state
   from lmx.train.step import batch_sharding, jit_train_step, make_train_step
   cfg = exp.train
   optimizer = make_optimizer(cfg)
   with use_mesh(mesh, make_rules(exp.mesh)):
     graphdef, abstract, shardings, _ = plan_train_state(
-        lambda rngs: Transformer(exp.model, rngs=rngs), optimizer, cfg, exp.seed, mesh)
+        lambda rngs: Transformer(exp.model, rngs=rngs), optimizer, cfg, exp.seed, mesh,
+        finish=peft_finish(exp))
     step = jit_train_step(make_train_step(graphdef, abstract[1], optimizer, cfg), abstract[0],
                           mesh, cfg)
     leaves, treedef = jax.tree.flatten(abstract[0])
