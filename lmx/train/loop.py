@@ -31,7 +31,7 @@ from lmx.data.tokenizer import load_or_train_tokenizer
 from lmx.eval.perplexity import (UNIGRAM_TRAIN_BATCHES, count_targets, masked_targets,
                                  unigram_perplexity, validation_loss)
 from lmx.model import Transformer
-from lmx.peft import apply_peft
+from lmx.peft import apply_peft, peft_counts
 from lmx.parallel.distributed import is_primary, primary_first
 from lmx.parallel.mesh import make_mesh, make_rules, use_mesh
 from lmx.runtime import release_free_memory
@@ -144,7 +144,14 @@ def train(exp: Experiment, *, max_steps: int | None = None,
     graphdef, abstract, shardings, init = plan_train_state(
         make_model, optimizer, cfg, exp.seed, mesh, base=base, finish=finish, extra=extra)
     n_train, n_all = trainable_count(abstract[0].params, cfg.trainable)
-    if cfg.trainable:
+    if exp.peft.method:  # weights, not storage: an NF4 base counts its float elements
+      counts = peft_counts(exp)
+      n_train, n_all = counts["trainable_params"], counts["total_params"]
+    if cfg.objective == "distill":
+      print(f"lmx train: student {n_train:,} parameters, frozen teacher "
+            f"{n_all - n_train:,}", file=sys.stderr)
+      n_all = n_train
+    elif cfg.trainable:
       print(f"lmx train: training {n_train:,} of {n_all:,} parameters "
             f"({n_train / n_all:.4%}; train.trainable={cfg.trainable!r})", file=sys.stderr)
     # A run that trains a part saves that part alone (adapters); the rest is rebuilt from
