@@ -63,7 +63,7 @@ class Transformer(nnx.Module):
 
   def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     dtype = compute_dtype(self.cfg)
-    x = jnp.take(self.embed[...], tokens, axis=0)  # (B, T, D) float32
+    x = jnp.take(self.embedding_table(), tokens, axis=0)  # (B, T, D) float32
     if self.pos_embed is not None:
       x = x + self.pos_embed(positions)
     elif self.cfg.position == "sinusoidal":
@@ -75,9 +75,19 @@ class Transformer(nnx.Module):
     takes (a pipeline runs the stack itself, lmx.parallel.pipeline)."""
     return self._embed(tokens, positions)
 
+  def embedding_table(self) -> jax.Array:
+    """The (V, D) float32 embedding, with trainable rows of added tokens if PEFT attached
+    them (`embed_peft`, lmx.peft.NewTokens)."""
+    hook = getattr(self, "embed" + PEFT_SUFFIX, None)
+    return self.embed[...] if hook is None else hook(self.embed[...])
+
   def head_weight(self) -> jax.Array:
     """The (D, V) output projection in the compute dtype (the embedding's transpose if tied)."""
-    w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    if self.lm_head is None:
+      w = self.embedding_table().T
+    else:
+      hook = getattr(self, "embed" + PEFT_SUFFIX, None)
+      w = self.lm_head[...] if hook is None else hook.head(self.lm_head[...])
     return w.astype(compute_dtype(self.cfg))
 
   def _logits(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> float32 (B, T, V)

@@ -7,6 +7,7 @@ attaches modules without editing any layer:
     sublayer     Block output of attention / MLP -> `attn_peft(y)`, `mlp_peft(y)`   adapters
     attention    Attention `prefix_peft(batch, dtype)` -> (P, K, H) keys/values   prefix
     input        Transformer `prompt_peft(batch, dtype)` -> (P, D) vectors   prompt
+    vocabulary   Transformer `embed_peft(table)` -> table   rows of added tokens (SFT)
 
 Everything a method adds is named `*_peft`, and that is what trains (`trainable_pattern`;
 BitFit also trains the model's own biases). Modules inside the layer stack are created
@@ -131,6 +132,33 @@ class Prompt(nnx.Module):
     return jnp.broadcast_to(self.table[...].astype(dtype)[None], (batch,) + self.table.shape)
 
 
+class NewTokens(nnx.Module):
+  """Trainable rows for tokens the base never saw (SFT's chat role tokens), as a delta on
+  the frozen embedding's last `n` rows (and the untied head's last `n` columns), zero at
+  init. Without it a frozen, tied embedding could never learn to emit `<|end|>`: its row
+  stays where the base put it."""
+
+  def __init__(self, vocab: int, d: int, n: int, tied: bool):
+    self.start = vocab - n
+    self.rows = param(None, (n, d), (None, "embed"), lambda k, s, dt: jnp.zeros(s, dt))
+    self.cols = None if tied else param(None, (d, n), ("embed", None),
+                                        lambda k, s, dt: jnp.zeros(s, dt))
+
+  def __call__(self, table: jax.Array) -> jax.Array:  # (V, D) -> (V, D)
+    return table.at[self.start:].add(self.rows[...])
+
+  def head(self, w: jax.Array) -> jax.Array:  # (D, V) -> (D, V), untied heads only
+    return w.at[:, self.start:].add(self.cols[...].astype(w.dtype))
+
+
+def new_token_count(exp) -> int:
+  """Tokens a run adds to its base's vocabulary: the chat role tokens for SFT data."""
+  if exp.data.format != "sft":
+    return 0
+  from lmx.data.sft import ROLE_TOKENS
+  return len(ROLE_TOKENS)
+
+
 def projection_targets(model, cfg: PeftConfig) -> list[tuple[nnx.Module, str, int]]:
   """(module, weight name, n_in) of every LoRA/QLoRA target in the layer stack; a name that
   matches nothing fails with the valid names."""
@@ -150,11 +178,15 @@ def projection_targets(model, cfg: PeftConfig) -> list[tuple[nnx.Module, str, in
   return [available[t] for t in wanted]
 
 
-def apply_peft(model, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
-  """Attach `cfg.method`'s modules to `model` in place (see the module docstring)."""
+def apply_peft(model, cfg: PeftConfig, rngs: nnx.Rngs, new_tokens: int = 0) -> None:
+  """Attach `cfg.method`'s modules to `model` in place (see the module docstring), and
+  trainable rows for the last `new_tokens` vocabulary entries (`new_token_count(exp)`)."""
   if not cfg.method:
     return
   mcfg = model.cfg
+  if new_tokens:
+    model.embed_peft = NewTokens(mcfg.vocab_size, mcfg.d_model, new_tokens,
+                                 model.lm_head is None)
   block = model.layers.block
   L = mcfg.n_layers
   if cfg.method in ("lora", "qlora"):
@@ -191,8 +223,9 @@ def apply_peft(model, cfg: PeftConfig, rngs: nnx.Rngs) -> None:
 
 def merge_lora(model) -> int:
   """Fold every LoRA update into its base weight and remove the adapter (in place):
-  w <- w + (alpha / r) A B. A QLoRA weight is dequantized first (the merged model is
-  float). Returns the number of weights merged."""
+  w <- w + (alpha / r) A B; added-token rows (`NewTokens`) join the embedding. A QLoRA
+  weight is dequantized first (the merged model is float). Returns the number of weights
+  merged."""
   n = 0
   block = model.layers.block
   for mod in (block.attn, block.mlp):
@@ -207,6 +240,12 @@ def merge_lora(model) -> int:
       w.set_value(w.get_value() + hook.delta_weight())
       delattr(mod, name + PEFT_SUFFIX)
       n += 1
+  rows = getattr(model, "embed" + PEFT_SUFFIX, None)
+  if rows is not None:  # the added tokens' trained rows become ordinary embedding rows
+    model.embed.set_value(rows(model.embed.get_value()))
+    if model.lm_head is not None:
+      model.lm_head.set_value(rows.head(model.lm_head.get_value()))
+    delattr(model, "embed" + PEFT_SUFFIX)
   return n
 
 
@@ -222,7 +261,7 @@ def peft_counts(exp) -> dict:
 
   def build():
     model = Transformer(exp.model, rngs=nnx.Rngs(params=0))
-    apply_peft(model, exp.peft, nnx.Rngs(params=1))
+    apply_peft(model, exp.peft, nnx.Rngs(params=1), new_token_count(exp))
     return model
 
   model = nnx.eval_shape(build)
@@ -249,4 +288,5 @@ def peft_finish(exp):
   `exp.peft`'s modules (None without PEFT)."""
   if not exp.peft.method:
     return None
-  return lambda model, rngs, extra=None: apply_peft(model, exp.peft, rngs)
+  n = new_token_count(exp)
+  return lambda model, rngs, extra=None: apply_peft(model, exp.peft, rngs, n)

@@ -134,12 +134,12 @@ def restore_params(exp, model: nnx.Module, directory: str | None = None) -> dict
   pattern = ""
   if getattr(exp, "peft", None) is not None and exp.peft.method:
     # A PEFT run saves only what trained: rebuild base + modules, then load those.
-    from lmx.peft import apply_peft
+    from lmx.peft import apply_peft, new_token_count
     from lmx.train.init_from import base_params, grown_rows
     if exp.train.init_from:
       base, _ = base_params(exp.train.init_from, nnx.state(model, nnx.Param), grown_rows(exp))
       nnx.update(model, base)
-    apply_peft(model, exp.peft, nnx.Rngs(params=exp.seed))
+    apply_peft(model, exp.peft, nnx.Rngs(params=exp.seed), new_token_count(exp))
     pattern = exp.train.trainable
   params = nnx.state(model, nnx.Param)
   if pattern:

@@ -31,7 +31,7 @@ from lmx.data.tokenizer import load_or_train_tokenizer
 from lmx.eval.perplexity import (UNIGRAM_TRAIN_BATCHES, count_targets, masked_targets,
                                  unigram_perplexity, validation_loss)
 from lmx.model import Transformer
-from lmx.peft import apply_peft, peft_counts
+from lmx.peft import apply_peft, new_token_count, peft_counts
 from lmx.parallel.distributed import is_primary, primary_first
 from lmx.parallel.mesh import make_mesh, make_rules, use_mesh
 from lmx.runtime import release_free_memory
@@ -104,10 +104,11 @@ def _model_parts(exp: Experiment):
 
   def finish(model, rngs, teacher_params):
     if exp.peft.method:
-      apply_peft(model, exp.peft, rngs)
+      apply_peft(model, exp.peft, rngs, new_token_count(exp))
     if teacher_cfg is not None:
       model.teacher = Transformer(teacher_cfg, rngs=rngs)
-      nnx.update(model.teacher, teacher_params)
+      if teacher_params is not None:  # None when only the structure is traced
+        nnx.update(model.teacher, teacher_params)
 
   needs = exp.peft.method or teacher_cfg is not None
   return make_model, finish if needs else None, base, extra
