@@ -30,6 +30,7 @@ class NF4Weight(nnx.Module):
     value = w.get_value()
     names = tuple(w.get_metadata().get("out_sharding") or ())
     self.stacked = bool(names) and names[0] == "layers"
+    self.names = names  # the float weight's logical axes, for `to_param`
     self.n_in = n_in
     q = lambda a: quantize(a, "nf4", group_size=group_size, reduce_axes=tuple(range(n_in)))
     qt = jax.vmap(q)(value) if self.stacked else q(value)
@@ -60,5 +61,6 @@ class NF4Weight(nnx.Module):
 
   def to_param(self) -> nnx.Param:
     """A float32 Param of the dequantized weight (for merging LoRA into it)."""
-    names = (("layers",) if self.stacked else ()) + (None,) * len(self.static["shape"])
-    return nnx.Param(self.dequantized("float32"), out_sharding=names, eager_sharding=False)
+    value = self.dequantized("float32")
+    names = self.names or (None,) * value.ndim
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
