@@ -270,7 +270,7 @@ def peft_counts(exp) -> dict:
   n_train = count_model_params(train)
   quant = [m for _, m in nnx.iter_graph(model) if isinstance(m, NF4Weight)]
   stored = sum(x.get_value().size for _, x in nnx.iter_graph(model) if isinstance(x, QParam))
-  logical = sum(math.prod(m.static["shape"]) * (model.cfg.n_layers if m.stacked else 1)
+  logical = sum(math.prod(dict(m.static)["shape"]) * (model.cfg.n_layers if m.stacked else 1)
                 for m in quant)
   total = count_model_params(params) - stored + logical
   out = {"trainable_params": n_train, "total_params": total,

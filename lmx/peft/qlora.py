@@ -40,18 +40,19 @@ class NF4Weight(nnx.Module):
       if a is not None:
         setattr(self, f, QParam(a, out_sharding=lead + (None,) * (a.ndim - len(lead)),
                                 eager_sharding=False))
-    self.static = dict(kind=qt.kind, shape=qt.shape, reduce_axes=qt.reduce_axes,
-                       group_size=qt.group_size, dtype=qt.dtype)
+    # A tuple, not a dict: static attributes are part of the (hashed) graphdef.
+    self.static = tuple(dict(kind=qt.kind, shape=qt.shape, reduce_axes=qt.reduce_axes,
+                             group_size=qt.group_size, dtype=qt.dtype).items())
 
   def qtensor(self) -> QTensor:
     arrays = {f: getattr(self, f)[...] for f in _FIELDS if hasattr(self, f)}
-    return QTensor(**arrays, **self.static)
+    return QTensor(**arrays, **dict(self.static))
 
   def dequantized(self, dtype) -> jax.Array:
     """The float weight (with the leading layer axis when stacked)."""
     qt = self.qtensor()
     return jax.vmap(lambda t: dequantize(t, dtype))(qt) if self.stacked and \
-        qt.data.ndim > len(self.static["shape"]) - self.n_in + 1 else dequantize(qt, dtype)
+        qt.data.ndim > len(qt.shape) - self.n_in + 1 else dequantize(qt, dtype)
 
   def nbytes(self) -> int:
     return sum(getattr(self, f)[...].nbytes for f in _FIELDS if hasattr(self, f))
