@@ -29,15 +29,18 @@ class LayerCache:
   v: jax.Array
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-  """Boolean (B, 1, T, T): query t may see key s iff they are in the same segment, or key
-  s is in segment -1 (prompt tuning's virtual tokens, shared by every segment of a row).
+def segment_mask(segment_ids: jax.Array, shared: bool = False) -> jax.Array:
+  """Boolean (B, 1, T, T): query t may see key s iff they are in the same segment; with
+  `shared`, also if key s is in segment -1 (prompt tuning's virtual tokens, which every
+  segment of a packed row reads; lmx.peft).
 
   Padding (segment 0) attends only to padding, so no row is fully masked (no NaNs); its
   outputs are masked out of the loss anyway. Causality is added separately.
   """
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (same | (segment_ids[:, None, :] < 0))[:, None, :, :]
+  if shared:
+    same = same | (segment_ids[:, None, :] < 0)
+  return same[:, None, :, :]
 
 
 def cache_mask(index: jax.Array, t: int, s_max: int) -> jax.Array:
@@ -159,7 +162,8 @@ class Attention(Projections):
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Full-sequence causal attention: x (B, T, D), positions/segment_ids (B, T) -> (B, T, D)."""
     q, k, v = self._qkv(x, positions)
-    mask = None if segment_ids is None else segment_mask(segment_ids)
+    shared = getattr(self, "shared_segments", False)  # set by prompt tuning (lmx.peft)
+    mask = None if segment_ids is None else segment_mask(segment_ids, shared)
     prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
     if prefix is not None:  # prefix tuning: P learned keys/values every query may read
       pk, pv = prefix(x.shape[0], k.dtype)  # (B, P, K, H)

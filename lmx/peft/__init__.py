@@ -219,6 +219,7 @@ def apply_peft(model, cfg: PeftConfig, rngs: nnx.Rngs, new_tokens: int = 0) -> N
     ids = jax.random.randint(rngs.params(), (cfg.num_virtual_tokens,), 4, mcfg.vocab_size)
     setattr(model, "prompt" + PEFT_SUFFIX,
             Prompt(cfg.num_virtual_tokens, jnp.take(model.embed.get_value(), ids, axis=0)))
+    block.attn.shared_segments = True  # every segment reads the virtual tokens (segment -1)
 
 
 def merge_lora(model) -> int:
