@@ -386,3 +386,27 @@ def test_adapter_checkpoint_holds_only_peft_and_restores_onto_the_base(tmp_path)
   for a, b in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(state.opt_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert int(restored.step) == 2
+
+
+@pytest.mark.slow  # compiles the cached decode path
+def test_prefix_tuned_model_decodes_with_the_kv_cache():
+  """Prefix tuning's keys/values sit before the cache: prefill + one-token decode steps give
+  the same logits as the full forward pass (which puts them before the sequence)."""
+  m = model("prefix")
+  toks = tokens(2)[:2, :8]
+  full = logits(m, toks, "prefix")
+  graphdef, state = nnx.split(m)
+
+  @jax.jit
+  def run(state, toks):
+    mm = nnx.merge(graphdef, state)
+    cache = mm.init_cache(2, 8)
+    pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    first, cache = mm.decode(toks[:, :4], pos[:, :4], cache)
+    rest = []
+    for t in range(4, 8):
+      out, cache = mm.decode(toks[:, t:t + 1], pos[:, t:t + 1], cache)
+      rest.append(out)
+    return jnp.concatenate([first] + rest, axis=1)
+
+  np.testing.assert_allclose(np.asarray(run(state, toks)), full, atol=2e-5)
