@@ -312,6 +312,7 @@ class PeftConfig:
   targets: str = "wq,wk,wv,wo"
   rank: int = 8
   alpha: float = 16.0  # the update is (alpha / rank) * x A B
+  dropout: float = 0.0  # LoRA / QLoRA: dropout on the adapter's input, training steps only
   num_virtual_tokens: int = 16  # prompt / prefix tuning
   adapter_dim: int = 32  # bottleneck adapters: D -> adapter_dim -> D after attention and MLP
   quant_group: int = 64  # QLoRA: NF4 block size of the frozen base weights
@@ -322,6 +323,8 @@ class PeftConfig:
       _positive(f"peft.{f}", getattr(self, f))
     if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
       _fail("peft.alpha", f"is {self.alpha!r}; it must be > 0")
+    if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+      _fail("peft.dropout", f"is {self.dropout!r}; it must be in [0, 1)")
     return self
 
 

@@ -138,10 +138,10 @@ class Attention(Projections):
   def _w(self, p) -> jax.Array:
     return p[...].astype(compute_dtype(self.cfg))
 
-  def _qkv(self, x: jax.Array, positions: jax.Array):
-    q = self.proj("wq", x)  # (B, T, N, H)
-    k = self.proj("wk", x)  # (B, T, K, H)
-    v = self.proj("wv", x)
+  def _qkv(self, x: jax.Array, positions: jax.Array, key: jax.Array | None = None):
+    q = self.proj("wq", x, key=key)  # (B, T, N, H)
+    k = self.proj("wk", x, key=key)  # (B, T, K, H)
+    v = self.proj("wv", x, key=key)
     if self.bq is not None:
       q, k, v = q + self._w(self.bq), k + self._w(self.bk), v + self._w(self.bv)
     if self.cfg.position == "rope":
@@ -152,16 +152,17 @@ class Attention(Projections):
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     return q, k, v
 
-  def _out(self, o: jax.Array) -> jax.Array:  # (B, T, N, H) -> (B, T, D)
-    y = self.proj("wo", o, n_in=2)  # (B, T, D)
+  def _out(self, o: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    y = self.proj("wo", o, n_in=2, key=key)  # (B, T, N, H) -> (B, T, D)
     if self.bo is not None:
       y = y + self._w(self.bo)
     return y
 
   def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """Full-sequence causal attention: x (B, T, D), positions/segment_ids (B, T) -> (B, T, D)."""
-    q, k, v = self._qkv(x, positions)
+               segment_ids: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+    """Full-sequence causal attention: x (B, T, D), positions/segment_ids (B, T) -> (B, T, D).
+    `key`: the dropout key of a training step (None: deterministic)."""
+    q, k, v = self._qkv(x, positions, key)
     shared = getattr(self, "shared_segments", False)  # set by prompt tuning (lmx.peft)
     mask = None if segment_ids is None else segment_mask(segment_ids, shared)
     prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
@@ -174,9 +175,9 @@ class Attention(Projections):
                               jnp.broadcast_to(mask, mask.shape[:-1] + (t,))], axis=-1)
       o = _attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), mask,
                   is_causal=False)
-      return self._out(o)
+      return self._out(o, key)
     o = _attend(q, k, v, mask, is_causal=True, impl=self.cfg.attention_impl)  # (B, T, N, H)
-    return self._out(o)
+    return self._out(o, key)
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache,
              index: jax.Array) -> tuple[jax.Array, LayerCache]:

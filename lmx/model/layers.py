@@ -99,7 +99,10 @@ class Projections(nnx.Module):
 
   cfg: ModelConfig
 
-  def proj(self, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
+  def proj(self, name: str, x: jax.Array, n_in: int = 1,
+           key: jax.Array | None = None) -> jax.Array:
+    """x through projection `name` (and its hook; `key`, when training with dropout, is
+    folded with the projection's index so each projection draws its own mask)."""
     w = getattr(self, name)
     dtype = compute_dtype(self.cfg)
     if isinstance(w, nnx.Variable):
@@ -107,7 +110,11 @@ class Projections(nnx.Module):
     else:
       y = w(x, dtype, n_in)
     hook = getattr(self, name + PEFT_SUFFIX, None)
-    return y if hook is None else hook(x, y)
+    if hook is None:
+      return y
+    if key is None:
+      return hook(x, y)
+    return hook(x, y, key=jax.random.fold_in(key, self.projection_names().index(name)))
 
   def projection_names(self) -> tuple[str, ...]:
     """The names `proj` is called with (the LoRA / quantization targets)."""

@@ -43,20 +43,21 @@ class MLP(Projections):
   def _w(self, p) -> jax.Array:
     return p[...].astype(compute_dtype(self.cfg))
 
-  def __call__(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D)
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """(B, T, D) -> (B, T, D); `key`: the dropout key of a training step, or None."""
     act = _ACTIVATIONS[self.cfg.mlp]
-    up = self.proj("w_up", x)  # (B, T, F)
+    up = self.proj("w_up", x, key=key)  # (B, T, F)
     if self.b_up is not None:
       up = up + self._w(self.b_up)
     if self.w_gate is not None:
-      gate = self.proj("w_gate", x)
+      gate = self.proj("w_gate", x, key=key)
       if self.b_gate is not None:
         gate = gate + self._w(self.b_gate)
       h = act(gate) * up
     else:
       h = act(up)
     h = constrain(h, ("batch", "seq", "mlp"))  # (B, T, F)
-    y = self.proj("w_down", h)  # (B, T, D)
+    y = self.proj("w_down", h, key=key)  # (B, T, D)
     if self.b_down is not None:
       y = y + self._w(self.b_down)
     return y

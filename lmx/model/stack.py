@@ -57,19 +57,20 @@ class Block(nnx.Module):
     hook = getattr(self, name + PEFT_SUFFIX, None)
     return y if hook is None else hook(y)
 
-  def _mix(self, x, attn_fn):
+  def _mix(self, x, attn_fn, key=None):
     """The residual wiring; attn_fn(y) -> (attention output, aux) and aux is passed on."""
     if self.pre:
       a, aux = attn_fn(self.attn_norm(x))
       h = x + self._hook("attn", a)
-      return h + self._hook("mlp", self.mlp(self.mlp_norm(h))), aux
+      return h + self._hook("mlp", self.mlp(self.mlp_norm(h), key)), aux
     a, aux = attn_fn(x)
     h = self.attn_norm(x + self._hook("attn", a))
-    return self.mlp_norm(h + self._hook("mlp", self.mlp(h))), aux
+    return self.mlp_norm(h + self._hook("mlp", self.mlp(h, key))), aux
 
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None) -> jax.Array:  # (B, T, D) -> (B, T, D)
-    out, _ = self._mix(x, lambda y: (self.attn(y, positions, segment_ids), None))
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               key: jax.Array | None = None) -> jax.Array:  # (B, T, D) -> (B, T, D)
+    ka, km = (None, None) if key is None else jax.random.split(key)
+    out, _ = self._mix(x, lambda y: (self.attn(y, positions, segment_ids, ka), None), km)
     return constrain(out, _ACT)
 
   def decode(self, x, positions, cache: LayerCache, index) -> tuple[jax.Array, LayerCache]:
@@ -96,18 +97,20 @@ def _unstack(tree) -> list:
 
 def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None, *, remat: str = "none",
-               unroll: bool = False) -> jax.Array:
+               unroll: bool = False, keys: jax.Array | None = None) -> jax.Array:
   """Run the stacked layers `layers` (any contiguous slice [i:j] of a LayerStack's block
   state, leading axis j - i) over x (B, T, D) in order; returns (B, T, D).
 
   `graphdef` is the per-layer Block's (`nnx.split(stack.block)[0]`). Pure: a pipeline
   stage calls it on its own slice, and running [0:k] then [k:L] equals running [0:L].
   unroll=True runs a Python loop over the layer slices instead of the scan: same numbers,
-  one copy of the layer per layer in the program.
+  one copy of the layer per layer in the program. `keys` (one dropout key per layer, a
+  training step's) are scanned with the layers; None runs deterministically.
   """
 
-  def layer(x, params):
-    return nnx.merge(graphdef, params)(x, positions, segment_ids), None
+  def layer(x, params_and_key):
+    params, key = params_and_key
+    return nnx.merge(graphdef, params)(x, positions, segment_ids, key), None
 
   if remat != "none":
     # NOTE: prevent_cse only matters where XLA could merge the recomputation back into the
@@ -116,10 +119,11 @@ def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, position
   if unroll:
     # A Python loop rather than jax.lax.scan(..., unroll=True): a faster CPU train step
     # in an in-process A/B (docs/benchmarks.md).
-    for params in _unstack(layers):
-      x, _ = layer(x, params)
+    per_layer = _unstack(layers)
+    for params, key in zip(per_layer, [None] * len(per_layer) if keys is None else keys):
+      x, _ = layer(x, (params, key))
     return x
-  x, _ = jax.lax.scan(layer, x, layers)
+  x, _ = jax.lax.scan(layer, x, (layers, keys))
   return x
 
 
@@ -161,11 +165,12 @@ class LayerStack(nnx.Module):
 
     self.block = make_block(rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None) -> jax.Array:  # (B, T, D) -> (B, T, D)
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               key: jax.Array | None = None) -> jax.Array:  # (B, T, D) -> (B, T, D)
     graphdef, layers = nnx.split(self.block)
+    keys = None if key is None else jax.random.split(key, self.cfg.n_layers)
     return run_layers(graphdef, layers, x, positions, segment_ids, remat=self.cfg.remat,
-                      unroll=not self.cfg.scan_layers)
+                      unroll=not self.cfg.scan_layers, keys=keys)
 
   def init_cache(self, batch: int, max_len: int) -> LayerCache:
     """Zero keys/values (L, B, max_len, K, H) in the compute dtype."""

@@ -94,18 +94,22 @@ class Transformer(nnx.Module):
     return head_logits(self.final_norm(x), self.head_weight())
 
   def hidden(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None) -> jax.Array:
+             segment_ids: jax.Array | None = None,
+             dropout_key: jax.Array | None = None) -> jax.Array:
     """The final-normed hidden states (B, T, D) in the compute dtype: everything but the LM
     head, so a loss can apply `head_weight()` chunk by chunk (`lmx.train.loss`)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    # A train step's dropout key reaches the layers only if something draws from it
+    # (`uses_dropout`, set by lmx.peft for LoRA dropout): otherwise the program is unchanged.
+    key = dropout_key if getattr(self, "uses_dropout", False) else None
     prompt = getattr(self, "prompt" + PEFT_SUFFIX, None)
     if prompt is not None:  # prompt tuning: P learned input vectors before every row
-      return self._with_prompt(prompt, tokens, positions, segment_ids)
+      return self._with_prompt(prompt, tokens, positions, segment_ids, key)
     x = self._embed(tokens, positions)
-    return self.final_norm(self.layers(x, positions, segment_ids))
+    return self.final_norm(self.layers(x, positions, segment_ids, key))
 
-  def _with_prompt(self, prompt, tokens, positions, segment_ids):
+  def _with_prompt(self, prompt, tokens, positions, segment_ids, key=None):
     """Run [P virtual tokens; the row] and return the row's hidden states (B, T, D). The
     virtual tokens take positions 0..P-1 (the row's shift by P) and segment -1, which
     every segment of a packed row may attend to (`segment_mask`)."""
@@ -117,17 +121,19 @@ class Transformer(nnx.Module):
                            positions + p], axis=1)
     seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
     seg = jnp.concatenate([jnp.full((b, p), -1, seg.dtype), seg], axis=1)
-    return self.final_norm(self.layers(x, pos, seg))[:, p:]
+    return self.final_norm(self.layers(x, pos, seg, key))[:, p:]
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits float32 (B, T, V) for int32 tokens (B, T).
 
     positions default to 0..T-1 per row. segment_ids (B, T) restrict attention to tokens of
     the same packed document (0 = padding); packed data should pass positions that restart
     at 0 in each segment.
     """
-    x = self.hidden(tokens, positions=positions, segment_ids=segment_ids)
+    x = self.hidden(tokens, positions=positions, segment_ids=segment_ids,
+                    dropout_key=dropout_key)
     return head_logits(x, self.head_weight())
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:

@@ -53,11 +53,12 @@ class LoRA(nnx.Module):
   leading 'layers' axis when w is stacked), so they shard like the weight they adapt.
   """
 
-  def __init__(self, w: nnx.Variable, n_in: int, rank: int, alpha: float, *, rngs: nnx.Rngs):
+  def __init__(self, w: nnx.Variable, n_in: int, rank: int, alpha: float, *, rngs: nnx.Rngs,
+               dropout: float = 0.0):
     shape, names = w.get_value().shape, _names(w)
     lead = 1 if names and names[0] == "layers" else 0
     ins, outs = shape[lead:lead + n_in], shape[lead + n_in:]
-    self.n_in, self.scale = n_in, alpha / rank
+    self.n_in, self.scale, self.dropout = n_in, alpha / rank, dropout
     self.a = param(rngs.params(), shape[:lead] + ins + (rank,),
                    names[:lead] + names[lead:lead + n_in] + (None,),
                    normal(1.0 / math.sqrt(math.prod(ins))))
@@ -73,7 +74,12 @@ class LoRA(nnx.Module):
     w = jnp.einsum("...kr,...rn->...kn", a2, b2)
     return self.scale * w.reshape(a.shape[:-1] + b.shape[lead + 1:])
 
-  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, y: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """y + the low-rank update of x; with a training step's `key` and dropout > 0, x is
+    dropped out (inverted dropout) on the adapter's path only, as in Hu et al."""
+    if key is not None and self.dropout > 0:
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros((), x.dtype))
     a = self.a[...].astype(x.dtype)
     b = self.b[...].astype(x.dtype)
     return y + (self.scale * project(project(x, a, self.n_in), b)).astype(y.dtype)
@@ -88,7 +94,7 @@ class Bias(nnx.Module):
     self.b = param(None, shape[:lead] + shape[lead + n_in:], names[:lead] + names[lead + n_in:],
                    lambda k, s, d: jnp.zeros(s, d))
 
-  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, y: jax.Array, key: jax.Array | None = None) -> jax.Array:
     return y + self.b[...].astype(y.dtype)
 
 
@@ -190,9 +196,11 @@ def apply_peft(model, cfg: PeftConfig, rngs: nnx.Rngs, new_tokens: int = 0) -> N
   block = model.layers.block
   L = mcfg.n_layers
   if cfg.method in ("lora", "qlora"):
+    model.uses_dropout = cfg.dropout > 0  # the train step's key then reaches the layers
     for mod, name, n_in in projection_targets(model, cfg):
       w = getattr(mod, name)
-      setattr(mod, name + PEFT_SUFFIX, LoRA(w, n_in, cfg.rank, cfg.alpha, rngs=rngs))
+      setattr(mod, name + PEFT_SUFFIX, LoRA(w, n_in, cfg.rank, cfg.alpha, rngs=rngs,
+                                            dropout=cfg.dropout))
       if cfg.method == "qlora":
         from lmx.peft.qlora import NF4Weight
         setattr(mod, name, NF4Weight(w, n_in, cfg.quant_group))

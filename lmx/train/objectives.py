@@ -75,11 +75,12 @@ class Objective:
     return tuple(names)
 
 
-def lm_sums(model: nnx.Module, batch: Batch, z_loss: float = 0.0,
-            chunk_tokens: int = 0) -> dict[str, jax.Array]:
+def lm_sums(model: nnx.Module, batch: Batch, z_loss: float = 0.0, chunk_tokens: int = 0,
+            dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
   """Next-token cross-entropy sums of `model` on a token batch: ce_sum, z_sum, n_tokens.
   With chunk_tokens > 0 the head and softmax run a chunk of positions at a time."""
-  kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+  kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
+            dropout_key=dropout_key)
   if chunk_tokens:
     h = model.hidden(batch["inputs"], **kw)
     _, aux = chunked_lm_loss(h, model.head_weight(), batch["targets"], batch["loss_mask"],
@@ -101,8 +102,8 @@ def lm_objective(z_loss: float = 0.0, chunk_tokens: int = 0) -> Objective:
   """Next-token prediction on `loss_mask` (pretraining, and SFT with masked prompts)."""
 
   def loss_fn(model, batch, rngs=None):
-    del rngs
-    aux = lm_sums(model, batch, z_loss, chunk_tokens)
+    key = None if rngs is None else rngs.dropout()
+    aux = lm_sums(model, batch, z_loss, chunk_tokens, key)
     aux.update(model_aux_sums(model))
     total = sum(v for k, v in aux.items() if k.endswith("_sum"))
     return total, aux
