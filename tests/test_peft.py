@@ -410,3 +410,58 @@ def test_prefix_tuned_model_decodes_with_the_kv_cache():
     return jnp.concatenate([first] + rest, axis=1)
 
   np.testing.assert_allclose(np.asarray(run(state, toks)), full, atol=2e-5)
+
+
+def test_lora_dropout_is_unbiased_and_only_in_training():
+  """peft.dropout: without a key (evaluation, decoding) the adapter is deterministic and
+  equals the numpy update; with a training key a sample differs, and the mean over many
+  keys is that update (inverted dropout: E[mask / keep] = 1), within 5 standard errors."""
+  rng = np.random.default_rng(0)
+  w = nnx.Param(jnp.zeros((8, 6), jnp.float32), out_sharding=("embed", "mlp"),
+                eager_sharding=False)
+  with cheap_random():
+    lora = LoRA(w, 1, 2, 4.0, rngs=nnx.Rngs(params=0), dropout=0.25)
+  lora.b.set_value(jnp.asarray(rng.standard_normal((2, 6)), jnp.float32))
+  x = jnp.asarray(rng.standard_normal((1, 3, 8)), jnp.float32)
+  y = jnp.zeros((1, 3, 6), jnp.float32)
+  a, b = np.asarray(lora.a.get_value(), np.float64), np.asarray(lora.b.get_value(), np.float64)
+  want = 2.0 * np.asarray(x, np.float64) @ a @ b  # (alpha / r) x A B
+  np.testing.assert_allclose(np.asarray(lora(x, y)), want, rtol=1e-5, atol=1e-6)
+  graphdef, state = nnx.split(lora)
+  with cheap_random():
+    keys = jax.random.split(jax.random.key(0), 4000)
+    samples = np.asarray(jax.jit(jax.vmap(
+        lambda k: nnx.merge(graphdef, state)(x, y, key=k)))(keys), np.float64)
+  assert np.abs(samples[0] - want).max() > 1e-3  # dropout really happened
+  err = np.abs(samples.mean(0) - want)
+  assert (err <= 5 * samples.std(0) / np.sqrt(len(samples)) + 1e-6).all(), err.max()
+
+
+@pytest.mark.slow  # compiles a model forward
+def test_lora_dropout_reaches_the_model_through_the_objective():
+  """The LM objective hands the step's dropout key to the model: two keys give two losses,
+  no rngs (evaluation) gives the deterministic one, and dropout 0 ignores the key."""
+  from lmx.train.objectives import lm_objective
+  b = {"inputs": tokens(1), "targets": tokens(2),
+       "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+       "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.float32)}
+  out = {}
+  for rate in (0.0, 0.5):
+    m = model("")
+    with cheap_random():
+      apply_peft(m, peft("lora", dropout=rate), nnx.Rngs(params=1))
+    for mod in (m.layers.block.attn, m.layers.block.mlp):  # a live adapter
+      for name in mod.projection_names():
+        hook = getattr(mod, name + "_peft", None)
+        if hook is not None:
+          hook.b.set_value(jnp.full(hook.b.get_value().shape, 0.05, jnp.float32))
+    graphdef, state = nnx.split(m)
+    f = jax.jit(lambda s, k: lm_objective().loss_fn(
+        nnx.merge(graphdef, s), b, None if k is None else nnx.Rngs(dropout=k))[0],
+        static_argnums=())
+    with cheap_random():
+      out[rate] = [float(f(state, jax.random.key(0))), float(f(state, jax.random.key(1))),
+                   float(jax.jit(lambda s: lm_objective().loss_fn(nnx.merge(graphdef, s), b,
+                                                                  None)[0])(state))]
+  assert out[0.0][0] == out[0.0][1] == out[0.0][2]
+  assert out[0.5][0] != out[0.5][1] and out[0.5][2] == out[0.0][2]
