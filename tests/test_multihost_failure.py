@@ -50,11 +50,11 @@ from lmx.cli import main
 if os.environ.get("LMX_TEST_RAISE_AT"):  # this process fails with an exception at step N
   import lmx.train.loop as loop
   real, calls = loop.put_batch, [0]
-  def failing(batch, mesh):
+  def failing(batch, mesh, *spec):
     calls[0] += 1
     if calls[0] >= int(os.environ["LMX_TEST_RAISE_AT"]):
       raise RuntimeError("injected failure")
-    return real(batch, mesh)
+    return real(batch, mesh, *spec)
   loop.put_batch = failing
 rc = main(sys.argv[1:])
 time.sleep(float(os.environ.get("LMX_TEST_LINGER_S", "0")))

@@ -53,7 +53,9 @@ class TwoHostDataset:
   def __iter__(self):
     return TwoHostIterator([iter(p) for p in self.parts])
 
-loop.make_dataset = lambda exp, tok, split, i, n: TwoHostDataset(exp, tok, split)
+from lmx.train import sources  # the loop reads its data through lmx.train.sources
+loop.make_dataset = sources.make_dataset = (
+    lambda exp, tok, split, i, n: TwoHostDataset(exp, tok, split))
 exp, _ = load_experiment(sys.argv[1:])
 print("REFERENCE " + json.dumps(loop.train(exp)))
 '''

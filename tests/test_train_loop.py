@@ -115,11 +115,11 @@ def test_consecutive_bad_steps_stop_the_run(tmp_path, cache_dir, monkeypatch):
   calls = {"n": 0}
   real = loop.put_batch
 
-  def poisoned(batch, mesh):  # from the 4th step on, an inf in the loss mask
+  def poisoned(batch, mesh, *spec):  # from the 4th step on, an inf in the loss mask
     calls["n"] += 1
     if calls["n"] >= 4:
       batch = dict(batch, loss_mask=batch["loss_mask"] * np.float32(np.inf))
-    return real(batch, mesh)
+    return real(batch, mesh, *spec)
 
   monkeypatch.setattr(loop, "put_batch", poisoned)
   exp = make_exp(tmp_path, cache_dir, **{"train.max_bad_steps": 3, "checkpoint.every": 2,
