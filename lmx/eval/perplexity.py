@@ -97,8 +97,16 @@ def cli_main(argv: list[str]) -> int:
     eval_fn = jit_eval_step(make_eval_step(graphdef, other, exp.train.loss_chunk_tokens), params,
                             mesh)
     n = args.batches or None
-    val = list(itertools.islice(iter(make_dataset(exp, tok, "validation")), n))
+    if exp.data.format == "sft":  # the held-out conversations, as the train loop splits them
+      from lmx.train.sources import make_sources
+      val = make_sources(exp, tok, 0, 1, n).validation
+    else:
+      val = list(itertools.islice(iter(make_dataset(exp, tok, "validation")), n))
     out = validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val)
+  if exp.data.format == "sft":
+    out.update(checkpoint=src["source"], step=src["step"])
+    print(json.dumps(out))
+    return 0
   train_counts = count_targets(iter(make_dataset(exp, tok, "train")), exp.model.vocab_size,
                                max_batches=UNIGRAM_TRAIN_BATCHES)
   valid = np.concatenate([masked_targets(b) for b in val])
