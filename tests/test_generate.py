@@ -1,4 +1,5 @@
-"""generate(): determinism, greedy equals a full-forward argmax loop, EOS handling."""
+"""generate(): determinism, greedy equals a full-forward argmax loop, EOS handling, ragged
+prompts, stop strings and the `lmx generate` CLI (single prompt and --batch_file)."""
 
 import pathlib
 
@@ -76,7 +77,7 @@ def test_learned_positions_reject_too_long_generation():
     generate(m, [1, 2, 3], 6)
 
 
-@pytest.mark.parametrize("bad", [[], [[1, 2], [3]], [1, 99]])
+@pytest.mark.parametrize("bad", [[], [[1, 2], []], [1, 99], [[1, 2], [3, 99]]])
 def test_bad_prompts_fail_clearly(model, bad):
   with pytest.raises(ValueError, match="generate: prompt"):
     generate(model, bad, 4)
@@ -124,19 +125,61 @@ def test_cli_main_plumbing(monkeypatch, capsys):
 
 
 @pytest.mark.slow  # compiles/trains: not in the 90 s fast set
-@pytest.mark.parametrize("scan", [True, False])
-def test_decode_step_updates_the_donated_stacked_cache_in_place(scan):
-  """The jitted one-token step writes into the donated (L, B, S, K, H) cache: its scratch
-  memory stays below one cache's size, so the cache is never copied (an unrolled decode
-  made XLA:CPU copy it twice per step)."""
-  from lmx.infer.generate import _step
-  cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=4, n_heads=4, max_seq_len=512,
-                    scan_layers=scan).validate()
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  cache = model.init_cache(2, 512)
-  assert cache.layers.k.shape == (4, 2, 512, 4, 16)
-  compiled = _step.lower(graphdef, state, jnp.zeros((2,), jnp.int32), cache, jax.random.key(0),
-                         temperature=0.0, top_k=0, top_p=1.0).compile()
-  cache_bytes = cache.layers.k.nbytes + cache.layers.v.nbytes
-  assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes / 2
+def test_ragged_prompts_equal_each_prompt_alone_with_logprobs(model):
+  prompts = [[5, 9, 2, 44], [1, 30], [7, 7, 7, 7, 7, 3]]
+  got = generate(model, prompts, 6, temperature=0.0, return_logprobs=True)
+  for p, (toks, lps) in zip(prompts, got):
+    assert toks == _greedy_by_full_forward(model, [p], 6)[0]
+    assert len(lps) == len(toks) and all(lp <= 0 for lp in lps)
+
+
+def test_truncate_at_stop():
+  from lmx.infer.generate import truncate_at_stop
+  assert truncate_at_stop("ab\n\ncd###e", ["###", "\n\n"]) == ("ab", True)
+  assert truncate_at_stop("abc", ["x", ""]) == ("abc", False)
+  assert truncate_at_stop("abc", []) == ("abc", False)
+
+
+@pytest.mark.slow  # compiles/trains: not in the 90 s fast set
+def test_cli_batch_file_writes_one_json_line_per_prompt(monkeypatch, capsys, tmp_path):
+  import json
+
+  import lmx.data.tokenizer
+  import lmx.train.checkpoint
+  from lmx.experiment import load_experiment
+  from lmx.infer.generate import cli_main
+
+  monkeypatch.setattr(lmx.data.tokenizer, "load_or_train_tokenizer", lambda exp: _CharTokenizer())
+  monkeypatch.setattr(lmx.train.checkpoint, "restore_params",
+                      lambda exp, model, directory=None: {"source": "fake", "step": 0})
+  default = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
+  cfg = [f"--config={default}", "--config.model.vocab_size=64",
+         "--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.n_heads=2",
+         "--config.model.n_kv_heads=1", "--config.sample.temperature=0.0"]
+  prompts = ["ab", "hello there", "x"]
+  (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+  exp, _ = load_experiment(cfg)
+  model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
+  tok = _CharTokenizer()
+  news = generate(model, [[tok.bos_id] + tok.encode(p) for p in prompts], 7, temperature=0.0,
+                  eos_id=tok.eos_id)
+  assert len(news[1]) >= 4
+  stop = tok.decode(news[1])[2:4]  # a stop string inside the second completion
+  rc = cli_main(cfg + ["--batch_file", str(tmp_path / "p.txt"), "--max_new_tokens", "7",
+                       "--stop", stop, "--stop", "never-seen"])
+  assert rc == 0
+  captured = capsys.readouterr()
+  lines = [json.loads(line) for line in captured.out.splitlines()]
+  assert [d["prompt"] for d in lines] == prompts
+  for d, new in zip(lines, news):
+    text = tok.decode(new)
+    cut = text.find(stop)
+    assert d["completion"] == (text if cut < 0 else text[:cut])
+    assert d["finish_reason"] == ("stop" if cut >= 0 or len(new) < 7 else "length")
+    if cut >= 0:  # the shortest prefix of the ids whose text holds the stop string
+      assert d["tokens"] == new[:len(d["tokens"])] and stop in tok.decode(d["tokens"])
+      assert stop not in tok.decode(d["tokens"][:-1])
+    else:
+      assert d["tokens"] == new
+  assert lines[1]["finish_reason"] == "stop"
+  assert "tokens/s" in captured.err

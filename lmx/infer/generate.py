@@ -1,117 +1,113 @@
-"""Autoregressive generation with a KV cache, and the `lmx generate` command.
+"""`generate()`, the friendly front of the decode engine, and the `lmx generate` command.
 
-    prefill: the whole prompt (B, T) in one `model.decode` call fills cache slots 0..T-1
-    step:    one token (B, 1) at position cache.index, appended to the cache
-
-Both are jitted once per (model structure, batch, lengths, sampling settings); the loop over
-new tokens is a Python loop so generation can stop as soon as every row has emitted EOS.
+generate() takes one prompt, an equal-length (B, T) array, or rows of different lengths,
+and runs `lmx.infer.engine.decode` (left-padded ragged batch, prefill + one jitted
+while_loop, one host sync). It returns the new tokens per row WITHOUT the stop token
+(the engine's DecodeResult keeps it, for RL). Stop STRINGS are not seen by the loop, which
+stops on token ids only: `truncate_at_stop` cuts the decoded text afterwards (the CLI's
+`--stop`).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import sys
+import time
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmx.infer.sampling import check_sampling_args, sample_token
-from lmx.model.transformer import KVCache, Transformer
-
-_STATIC = ("graphdef", "temperature", "top_k", "top_p")
+from lmx.infer.engine import SamplingOptions, decode
+from lmx.model.transformer import Transformer
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _prefill(graphdef, state, tokens, cache: KVCache, rng, *, temperature, top_k, top_p):
-  model = nnx.merge(graphdef, state)
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  logits, cache = model.decode(tokens, positions, cache)  # (B, T, V)
-  return sample_token(rng, logits[:, -1], temperature, top_k, top_p), cache
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def _step(graphdef, state, token, cache: KVCache, rng, *, temperature, top_k, top_p):
-  model = nnx.merge(graphdef, state)
-  positions = jnp.full((token.shape[0], 1), cache.index, jnp.int32)  # (B, 1)
-  logits, cache = model.decode(token[:, None], positions, cache)  # (B, 1, V)
-  return sample_token(rng, logits[:, 0], temperature, top_k, top_p), cache
-
-
-def _as_batch(prompt_ids) -> np.ndarray:
-  """One prompt (list of ints) or rows of equal length -> int32 (B, T)."""
-  expect = ("generate: prompt_ids must be a non-empty list of ints or an integer (B, T) "
-            "array with T >= 1 and rows of equal length")
-  try:
+def _as_rows(prompt_ids) -> list[list[int]]:
+  """One prompt (list of ints), an int (B, T) array, or a list of int lists of any lengths
+  -> rows of ints."""
+  expect = ("generate: prompt_ids must be a non-empty list of ints, an integer (B, T) "
+            "array, or a list of non-empty lists of ints")
+  if hasattr(prompt_ids, "shape") or (len(prompt_ids) and np.ndim(prompt_ids[0]) == 0):
     arr = np.asarray(prompt_ids)
-  except ValueError:
-    raise ValueError(f"{expect}; got rows of different lengths.") from None
-  if arr.ndim == 1:
-    arr = arr[None]
-  if arr.ndim != 2 or arr.shape[1] == 0 or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f"{expect}; got shape {arr.shape} and dtype {arr.dtype}.")
-  return arr.astype(np.int32)
+    arr = arr[None] if arr.ndim == 1 else arr
+    rows = list(arr)
+  else:
+    rows = [np.asarray(r) for r in prompt_ids]
+  if not rows or any(r.ndim != 1 or r.size == 0 or not np.issubdtype(r.dtype, np.integer)
+                     for r in rows):
+    raise ValueError(f"{expect}; got {prompt_ids!r:.200}.")
+  return [r.astype(np.int64).tolist() for r in rows]
 
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None) -> list[list[int]]:
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             min_new_tokens: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+             stop_ids: Sequence[int] = (), return_logprobs: bool = False) -> list:
   """Continue each prompt row by up to `max_new_tokens` tokens.
 
-  prompt_ids: one prompt (list of ints) or an int (B, T) array. Returns, per row, the new
-  tokens only; a row stops at its first `eos_id`, which is not included. temperature 0 is
-  greedy decoding. The same seed gives the same tokens.
+  prompt_ids: one prompt (list of ints), an int (B, T) array, or a list of prompts of
+  different lengths. A row stops at its first `eos_id` or `stop_ids` token, which is not
+  included; no stop id is chosen before `min_new_tokens` tokens. temperature 0 is greedy.
+  The same seed gives the same tokens. Sampling order and penalties:
+  `lmx.infer.engine` / `lmx.infer.sampling`.
+
+  Returns, per row, the new token ids; with `return_logprobs`, per row a pair (ids,
+  log-probs of those ids under the raw model logits).
   """
-  tokens = _as_batch(prompt_ids)
-  batch, prompt_len = tokens.shape
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens is {max_new_tokens!r}; it must be an int >= 1.")
-  check_sampling_args(temperature, top_k, top_p)
+  rows = _as_rows(prompt_ids)
   vocab = model.cfg.vocab_size
-  if tokens.min() < 0 or tokens.max() >= vocab:
+  flat = [t for r in rows for t in r]
+  if min(flat) < 0 or max(flat) >= vocab:
     raise ValueError(f"generate: prompt token ids must be in [0, {vocab}) (model.vocab_size); "
-                     f"got values in [{tokens.min()}, {tokens.max()}].")
-  total = prompt_len + max_new_tokens
-  if model.cfg.position == "learned" and total > model.cfg.max_seq_len:
-    raise ValueError(f"generate: prompt length {prompt_len} + max_new_tokens {max_new_tokens} "
-                     f"= {total} exceeds model.max_seq_len={model.cfg.max_seq_len} (learned "
-                     "position table).")
+                     f"got values in [{min(flat)}, {max(flat)}].")
+  stops = tuple(dict.fromkeys(([] if eos_id is None else [int(eos_id)])
+                              + [int(t) for t in stop_ids]))
+  opts = SamplingOptions(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                         min_p=float(min_p), repetition_penalty=float(repetition_penalty),
+                         frequency_penalty=float(frequency_penalty),
+                         presence_penalty=float(presence_penalty), stop_ids=stops,
+                         min_new_tokens=int(min_new_tokens), seed=int(seed))
+  try:
+    res = decode(model, rows, max_new_tokens, opts)
+  except ValueError as e:
+    raise ValueError(str(e).replace("engine:", "generate:", 1)) from None
+  out = []
+  for toks, lps, why in zip(res.tokens, res.logprobs, res.finish_reason):
+    if why == "stop":  # the engine keeps the stop token; generate() drops it
+      toks, lps = toks[:-1], lps[:-1]
+    out.append((toks, lps) if return_logprobs else toks)
+  return out
 
-  graphdef, state = nnx.split(model)
-  opts = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-  rng = jax.random.key(seed)
-  cache = model.init_cache(batch, total)
 
-  rng, sub = jax.random.split(rng)
-  token, cache = _prefill(graphdef, state, jnp.asarray(tokens), cache, sub, **opts)
-  out = [token]
-  done = np.zeros(batch, bool)
-  for _ in range(max_new_tokens - 1):
-    if eos_id is not None:
-      done |= np.asarray(token) == eos_id
-      if done.all():
-        break
-    rng, sub = jax.random.split(rng)
-    token, cache = _step(graphdef, state, token, cache, sub, **opts)
-    out.append(token)
+def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+  """`text` up to (not including) the earliest occurrence of any stop string, and whether
+  one occurred."""
+  cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+  return (text, False) if cut < 0 else (text[:cut], True)
 
-  new = np.stack([np.asarray(t) for t in out], axis=1)  # (B, n_generated)
-  rows = []
-  for row in new.tolist():
-    if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id)]
-    rows.append(row)
-  return rows
+
+def _completion(tokenizer, ids: list[int], stops: Sequence[str]) -> tuple[str, list[int], bool]:
+  """Decoded text cut at the first stop string, the shortest prefix of `ids` whose text
+  contains it (all ids if none), and whether a stop string was hit."""
+  text, hit = truncate_at_stop(tokenizer.decode(ids), stops)
+  if not hit:
+    return text, ids, False
+  n = next(n for n in range(1, len(ids) + 1)
+           if truncate_at_stop(tokenizer.decode(ids[:n]), stops)[1])
+  return text, ids[:n], True
 
 
 def cli_main(argv: Sequence[str]) -> int:
-  """`lmx generate --config=... [--prompt TEXT] [--checkpoint DIR] [--max_new_tokens N]`.
+  """`lmx generate --config=... [--prompt TEXT | --batch_file FILE] [--checkpoint DIR]
+  [--max_new_tokens N] [--stop STRING ...]`.
 
   Sampling settings come from the config's `sample` section (override with
-  `--config.sample.temperature=0.5` etc.).
+  `--config.sample.temperature=0.5` etc.). With --batch_file, each line of FILE is a prompt
+  and each prompt gets one JSON line on stdout: {"prompt", "completion", "tokens",
+  "finish_reason"} ('stop' at the EOS token or a --stop string, else 'length'). Tokens/s
+  goes to stderr (the first batch includes the jit compile).
   """
   from lmx.data.tokenizer import load_or_train_tokenizer
   from lmx.experiment import load_experiment, split_config_args
@@ -120,6 +116,12 @@ def cli_main(argv: Sequence[str]) -> int:
   cfg_args, rest = split_config_args(argv)
   parser = argparse.ArgumentParser(prog="lmx generate", description=cli_main.__doc__)
   parser.add_argument("--prompt", default=None, help="text to continue (default: sample.prompt)")
+  parser.add_argument("--batch_file", default=None,
+                      help="a file with one prompt per line; prints one JSON line per prompt")
+  parser.add_argument("--batch_size", type=int, default=32,
+                      help="prompts decoded together from --batch_file (default 32)")
+  parser.add_argument("--stop", action="append", default=[],
+                      help="cut the completion before this string (repeatable)")
   parser.add_argument("--checkpoint", default=None,
                       help="checkpoint directory (default: the run_dir of the config)")
   parser.add_argument("--max_new_tokens", type=int, default=None,
@@ -127,18 +129,43 @@ def cli_main(argv: Sequence[str]) -> int:
   args = parser.parse_args(rest)
   exp, _ = load_experiment(cfg_args)
   s = exp.sample
-  prompt = s.prompt if args.prompt is None else args.prompt
   max_new = s.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
   if max_new < 1:
     parser.error(f"--max_new_tokens is {max_new}; it must be >= 1")
+  if args.batch_size < 1:
+    parser.error(f"--batch_size is {args.batch_size}; it must be >= 1")
+  if args.batch_file is not None and args.prompt is not None:
+    parser.error("give --prompt or --batch_file, not both")
+  if args.batch_file is not None:
+    with open(args.batch_file, encoding="utf-8") as f:
+      prompts = [line.rstrip("\r\n") for line in f]
+  else:
+    prompts = [s.prompt if args.prompt is None else args.prompt]
 
   tokenizer = load_or_train_tokenizer(exp)
   model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
   info = restore_params(exp, model, directory=args.checkpoint)  # in place
   print(f"lmx generate: restored {info['source']} (step {info['step']})", file=sys.stderr)
-  # Training documents are packed as [bos] + ids + [eos] (lmx.data.pipeline).
-  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-  [new] = generate(model, ids, max_new, temperature=s.temperature, top_k=s.top_k,
-                   top_p=s.top_p, seed=s.seed, eos_id=tokenizer.eos_id)
-  print(prompt + tokenizer.decode(new))
+  kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+            eos_id=tokenizer.eos_id, return_logprobs=True)
+  n_tokens, seconds = 0, 0.0
+  for lo in range(0, len(prompts), args.batch_size):
+    batch = prompts[lo:lo + args.batch_size]
+    # Training documents are packed as [bos] + ids + [eos] (lmx.data.pipeline).
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in batch]
+    t0 = time.perf_counter()
+    rows = generate(model, ids, max_new, **kw)
+    seconds += time.perf_counter() - t0
+    for prompt, (new, _) in zip(batch, rows):
+      n_tokens += len(new)
+      text, kept, hit = _completion(tokenizer, new, args.stop)
+      why = "stop" if hit or len(new) < max_new else "length"
+      if args.batch_file is None:
+        print(prompt + text)
+      else:
+        print(json.dumps({"prompt": prompt, "completion": text, "tokens": kept,
+                          "finish_reason": why}), flush=True)
+  print(f"lmx generate: {n_tokens} new tokens in {seconds:.2f} s = "
+        f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s (includes the jit compile)",
+        file=sys.stderr)
   return 0

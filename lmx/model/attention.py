@@ -43,16 +43,25 @@ def segment_mask(segment_ids: jax.Array, shared: bool = False) -> jax.Array:
   return same[:, None, :, :]
 
 
-def cache_mask(index: jax.Array, t: int, s_max: int) -> jax.Array:
-  """Boolean (1, 1, t, S_max) for t new queries written at cache slots index..index+t-1.
+def cache_mask(index: jax.Array, t: int, s_max: int,
+               kv_start: jax.Array | None = None) -> jax.Array:
+  """Boolean (1, 1, t, S_max) for t new queries written at cache slots index..index+t-1;
+  (B, 1, t, S_max) with `kv_start`.
 
   Query i sits in slot index + i and may read slots 0..index + i. The cache's unwritten
   tail is excluded by the same rule. (`is_causal=True` would align the triangle to slot 0,
-  which is wrong once the cache holds a prefix.)
+  which is wrong once the cache holds a prefix.) `kv_start` (B,) int32: row b's slots
+  below kv_start[b] are left padding (`lmx.infer.engine`) and no real query reads them; a
+  padding query reads only its own slot, so no softmax row is empty.
   """
   q_slot = index + jnp.arange(t, dtype=jnp.int32)  # (t,)
   k_slot = jnp.arange(s_max, dtype=jnp.int32)  # (S,)
-  return (k_slot[None, :] <= q_slot[:, None])[None, None]
+  mask = (k_slot[None, :] <= q_slot[:, None])[None, None]  # (1, 1, t, S)
+  if kv_start is None:
+    return mask
+  real = k_slot[None, :] >= kv_start[:, None]  # (B, S)
+  own = k_slot[None, :] == q_slot[:, None]  # (t, S)
+  return mask & (real[:, None, None, :] | own[None, None])  # (B, 1, t, S)
 
 
 def query_block(t: int) -> int:
@@ -180,17 +189,18 @@ class Attention(Projections):
     return self._out(o, key)
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache,
-             index: jax.Array) -> tuple[jax.Array, LayerCache]:
+             index: jax.Array,
+             kv_start: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
     """Attend t new tokens x (B, t, D) to the cached prefix plus themselves, as if written
     at slot `index`. Returns (B, t, D) and the t new keys/values (B, t, K, H) in the cache
     dtype; the caller writes them into the cache (`lmx.model.stack.decode_layers` does it
-    once for all layers)."""
+    once for all layers). `kv_start` (B,): per-row left padding to skip (`cache_mask`)."""
     q, k, v = self._qkv(x, positions)
     k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
     start = (0, index, 0, 0)
     k_all = jax.lax.dynamic_update_slice(cache.k, k, start)  # (B, S, K, H)
     v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
-    mask = cache_mask(index, x.shape[1], cache.k.shape[1])
+    mask = cache_mask(index, x.shape[1], cache.k.shape[1], kv_start)
     prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
     if prefix is not None:  # prefix tuning: the learned keys/values sit before the cache
       pk, pv = prefix(x.shape[0], k_all.dtype)

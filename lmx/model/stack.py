@@ -73,9 +73,10 @@ class Block(nnx.Module):
     out, _ = self._mix(x, lambda y: (self.attn(y, positions, segment_ids, ka), None), km)
     return constrain(out, _ACT)
 
-  def decode(self, x, positions, cache: LayerCache, index) -> tuple[jax.Array, LayerCache]:
+  def decode(self, x, positions, cache: LayerCache, index,
+             kv_start=None) -> tuple[jax.Array, LayerCache]:
     """(B, t, D) -> (B, t, D) and this layer's t new keys/values (B, t, K, H)."""
-    return self._mix(x, lambda y: self.attn.decode(y, positions, cache, index))
+    return self._mix(x, lambda y: self.attn.decode(y, positions, cache, index, kv_start))
 
 
 def num_layers(layers: nnx.State) -> int:
@@ -128,10 +129,11 @@ def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, position
 
 
 def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
-                  positions: jax.Array, cache: LayerCache,
-                  index: jax.Array) -> tuple[jax.Array, LayerCache]:
+                  positions: jax.Array, cache: LayerCache, index: jax.Array,
+                  kv_start: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
   """Run t new tokens x (B, t, D) through the stacked layers against their stacked cache
   (k/v (L, B, S, K, H)); write them at slot `index`. Returns (x, updated cache).
+  `kv_start` (B,): each row's left-padding slots, which attention skips (`cache_mask`).
 
   The scan carries only x and emits each layer's t new keys/values (L, B, t, K, H); one
   write after the scan puts them into the cache, so a donated cache is updated in place
@@ -141,7 +143,7 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
 
   def layer(x, inputs):
     params, layer_cache = inputs
-    return nnx.merge(graphdef, params).decode(x, positions, layer_cache, index)
+    return nnx.merge(graphdef, params).decode(x, positions, layer_cache, index, kv_start)
 
   x, new = jax.lax.scan(layer, x, (layers, cache))  # new: (L, B, t, K, H)
   start = (0, 0, index, 0, 0)
@@ -179,7 +181,7 @@ class LayerStack(nnx.Module):
     dtype = compute_dtype(cfg)
     return LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
-  def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache,
-             index: jax.Array) -> tuple[jax.Array, LayerCache]:
+  def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache, index: jax.Array,
+             kv_start: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
     graphdef, layers = nnx.split(self.block)
-    return decode_layers(graphdef, layers, x, positions, cache, index)
+    return decode_layers(graphdef, layers, x, positions, cache, index, kv_start)

@@ -37,9 +37,12 @@ _ACT = ("batch", "seq", "embed")
 @struct.dataclass
 class KVCache:
   """The stack's keys/values, k/v (L, B, S_max, K, H), plus `index`: the int32 number of
-  slots already written (the same for every row and layer)."""
+  slots already written (the same for every row and layer), and optionally `kv_start`
+  (B,) int32: row b's first real slot; slots before it hold left padding that attention
+  skips (ragged prompts, `lmx.infer.engine`). None means every slot is real."""
   layers: LayerCache
   index: jax.Array
+  kv_start: jax.Array | None = None
 
 
 def head_logits(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -136,26 +139,39 @@ class Transformer(nnx.Module):
                     dropout_key=dropout_key)
     return head_logits(x, self.head_weight())
 
-  def init_cache(self, batch: int, max_len: int) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+  def init_cache(self, batch: int, max_len: int,
+                 kv_start: jax.Array | None = None) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` slots (prompt + generated).
+
+    kv_start: optional (batch,) int32, the number of left-padding slots of each row.
+    """
     if self.cfg.position == "learned" and max_len > self.cfg.max_seq_len:
       raise ValueError(f"init_cache: max_len={max_len} exceeds model.max_seq_len="
                        f"{self.cfg.max_seq_len}, the size of the learned position table.")
+    if kv_start is not None:
+      kv_start = jnp.asarray(kv_start, jnp.int32)
+      if kv_start.shape != (batch,):
+        raise ValueError(f"init_cache: kv_start has shape {kv_start.shape}; it must be "
+                         f"({batch},), one start slot per row.")
     return KVCache(layers=self.layers.init_cache(batch, max_len),
-                   index=jnp.zeros((), jnp.int32))
+                   index=jnp.zeros((), jnp.int32), kv_start=kv_start)
 
-  def decode(self, tokens: jax.Array, positions: jax.Array,
-             cache: KVCache) -> tuple[jax.Array, KVCache]:
+  def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
+             last_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Run t new tokens (B, t) at `positions` (B, t) against the cache; append them.
 
-    Returns logits float32 (B, t, V) and the cache with index advanced by t. The caller
-    keeps cache.index + t <= max_len (writes past the end are clamped by XLA).
+    Returns logits float32 (B, t, V) -- (B, 1, V) for the last token only with
+    `last_only`, which is all a prefill needs (the LM head never sees the other t - 1) --
+    and the cache with index advanced by t. The caller keeps cache.index + t <= max_len
+    (writes past the end are clamped by XLA).
     """
     if getattr(self, "prompt" + PEFT_SUFFIX, None) is not None:
       raise NotImplementedError("decode: a prompt-tuned model cannot use the KV cache yet "
                                 "(its virtual tokens are not cached); evaluate it with "
                                 "`lmx evaluate`, or use prefix tuning (peft.method='prefix').")
     x = self._embed(tokens, positions)
-    x, layers = self.layers.decode(x, positions, cache.layers, cache.index)
+    x, layers = self.layers.decode(x, positions, cache.layers, cache.index, cache.kv_start)
     new_index = cache.index + jnp.int32(tokens.shape[1])
-    return self._logits(x), KVCache(layers=layers, index=new_index)
+    if last_only:
+      x = x[:, -1:]  # (B, 1, D)
+    return self._logits(x), KVCache(layers=layers, index=new_index, kv_start=cache.kv_start)

@@ -1,0 +1,252 @@
+"""The decode engine: ragged prompts -> sampled continuations in ONE jitted program.
+
+    prompts (lists of ids, any lengths) --left pad to P--> tokens (B, P), start (B,)
+      prefill: one model.decode over (B, P) fills cache slots 0..P-1; LM head on slot P-1 only
+      loop:    jax.lax.while_loop, one token per row per step, until every row is done
+               or max_new_tokens columns are filled
+    -> DecodeResult(tokens, logprobs, finish_reason, steps)
+
+Design choices:
+- Ragged batches by LEFT padding. Row b has start[b] = P - len(prompt_b) pad slots, so
+  every row's last prompt token sits in slot P-1 and every row writes the same slot each
+  step: the cache keeps ONE shared write index (one dynamic_update_slice for all rows).
+  Positions are per row, slot - start[b] (RoPE / learned / sinusoidal see the unpadded
+  positions), and `KVCache.kv_start = start` makes attention skip each row's pad slots
+  (`lmx.model.attention.cache_mask`). Each row therefore equals its prompt decoded alone.
+  Pad slots hold token 0 at position 0 (finite activations, never read by a real query).
+- P is rounded up to a multiple of `prompt_bucket` (8) so nearby prompt lengths share one
+  compiled program; padding is masked, so it changes no number beyond float summation order.
+- One jit per (graphdef, B, P, max_new_tokens, number of stop ids, sampling settings):
+  prefill and the loop are a single program, the cache is created inside it (never copied
+  to or from the host), and the host syncs once, at the end. The seed, the stop ids and
+  min_new_tokens are runtime inputs (no recompile); temperature, top-k/p, min-p and the
+  penalties are static (top-k needs a static k; the others select code paths).
+- The loop carry: the cache, the output buffers (B, max_new) of tokens and log-probs, per-row
+  lengths and done / stopped flags, the step counter, and per-row token counts (B, V) when
+  a penalty needs them. The RNG key of step i is fold_in(key(seed), i) (loop-invariant key,
+  no split in the carry). Finished rows keep computing (the batch is dense) but record
+  nothing.
+- Sampling order (`lmx.infer.sampling`): repetition penalty (CTRL; over prompt + generated
+  tokens) -> frequency / presence penalties (OpenAI; over generated tokens, as vLLM) ->
+  stop ids masked to -inf until min_new_tokens are generated -> temperature (0 = greedy
+  argmax of the penalized logits) -> top-k -> top-p -> min-p.
+- `logprobs` are log_softmax of the RAW model logits (before penalties, masking,
+  temperature and filters) at the chosen token: the policy's own log-probability, which is
+  what PPO / GRPO ratios need. (It is NOT the log-probability under the sampling
+  distribution.)
+- Stopping: a row stops at the first sampled id in `stop_ids` (finish_reason 'stop'; the
+  stop id IS included in tokens / logprobs, as an RL trajectory needs it) or after
+  max_new_tokens tokens ('length'). The loop stops on token ids only; stop STRINGS are
+  applied after decoding, in the generate / CLI layer (`lmx.infer.generate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmx.infer.sampling import apply_penalties, check_penalties, check_sampling_args, filter_logits
+from lmx.model.transformer import KVCache, Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How to choose each token and when to stop. Hashable: the jit key, except `seed`,
+  `stop_ids` (only their number) and `min_new_tokens`, which are runtime inputs."""
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # keep the k most likely tokens; 0 disables
+  top_p: float = 1.0  # nucleus mass; 1 disables
+  min_p: float = 0.0  # keep p >= min_p * p_max; 0 disables
+  repetition_penalty: float = 1.0  # CTRL; 1 disables, > 1 discourages repeats
+  frequency_penalty: float = 0.0  # OpenAI: -= f * count of the token so far
+  presence_penalty: float = 0.0  # OpenAI: -= p if the token was generated before
+  stop_ids: tuple[int, ...] = ()  # a row stops at the first of these (included)
+  min_new_tokens: int = 0  # stop ids are masked until this many tokens were generated
+  seed: int = 0  # step i samples with fold_in(key(seed), i)
+
+  def validate(self, vocab_size: int) -> SamplingOptions:
+    check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
+    check_penalties(self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
+    if any(not 0 <= t < vocab_size for t in self.stop_ids):
+      raise ValueError(f"engine: stop_ids {self.stop_ids} must be in [0, {vocab_size}).")
+    if self.min_new_tokens < 0:
+      raise ValueError(f"engine: min_new_tokens is {self.min_new_tokens}; it must be >= 0.")
+    return self
+
+  @property
+  def uses_counts(self) -> bool:
+    return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeResult:
+  """Per row: new token ids (a stop id included), their log-probs under the raw model
+  logits, and why the row ended ('stop' or 'length'); `steps` is the number of token
+  columns the loop ran (< max_new_tokens when every row stopped early)."""
+  tokens: list[list[int]]
+  logprobs: list[list[float]]
+  finish_reason: list[str]
+  steps: int
+
+
+class _Carry(NamedTuple):
+  step: jax.Array  # () int32: token columns written so far
+  cache: KVCache
+  out: jax.Array  # (B, max_new) int32 chosen tokens (0 where a row had finished)
+  logprobs: jax.Array  # (B, max_new) float32 log-probs of the chosen tokens (raw logits)
+  length: jax.Array  # (B,) int32 tokens recorded per row
+  done: jax.Array  # (B,) bool: row finished (stop id or max_new)
+  stopped: jax.Array  # (B,) bool: row finished on a stop id
+  counts: jax.Array | None  # (B, V) int32 generated-token counts, when a penalty needs them
+
+
+def sampling_logits(logits: jax.Array, step: jax.Array, counts: jax.Array | None,
+                    prompt_seen: jax.Array | None, stop_ids: jax.Array, min_new: jax.Array,
+                    opts: SamplingOptions) -> jax.Array:
+  """Raw logits (B, V) at generation step `step` -> the float32 (B, V) logits a token is
+  drawn from (argmax'd when temperature is 0), in the module docstring's order.
+
+  counts (B, V): generated-token counts (None without penalties); prompt_seen (B, V): the
+  prompt's tokens (None without a repetition penalty); stop_ids (S,) int32 are -inf while
+  step < min_new."""
+  z = logits.astype(jnp.float32)
+  if opts.uses_counts:
+    seen = None if prompt_seen is None else prompt_seen | (counts > 0)
+    z = apply_penalties(z, counts, seen, opts.repetition_penalty, opts.frequency_penalty,
+                        opts.presence_penalty)
+  is_stop = jnp.zeros(z.shape[-1], bool).at[stop_ids].set(True)  # (V,)
+  z = jnp.where(is_stop[None] & (step < min_new), -jnp.inf, z)
+  if opts.temperature == 0:
+    return z
+  return filter_logits(z, opts.temperature, opts.top_k, opts.top_p, opts.min_p)
+
+
+def choose_tokens(key: jax.Array, logits: jax.Array, step: jax.Array,
+                  counts: jax.Array | None, prompt_seen: jax.Array | None,
+                  stop_ids: jax.Array, min_new: jax.Array,
+                  opts: SamplingOptions) -> tuple[jax.Array, jax.Array]:
+  """Raw logits float32 (B, V) -> (tokens int32 (B,), their log-probs float32 (B,) under
+  log_softmax(raw logits)). Step i draws with fold_in(key, i)."""
+  z = sampling_logits(logits, step, counts, prompt_seen, stop_ids, min_new, opts)
+  if opts.temperature == 0:
+    tokens = jnp.argmax(z, axis=-1).astype(jnp.int32)
+  else:
+    tokens = jax.random.categorical(jax.random.fold_in(key, step), z, axis=-1).astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "opts"))
+def _decode(graphdef, state, tokens, start, key, stop_ids, min_new, *, max_new: int,
+            opts: SamplingOptions):
+  """tokens (B, P) left-padded, start (B,) pad slots per row, stop_ids (S,), min_new () ->
+  (out, logprobs (B, max_new), length, stopped (B,), steps ())."""
+  model = nnx.merge(graphdef, state)
+  b, p = tokens.shape
+  v = model.cfg.vocab_size
+  rows = jnp.arange(b)
+  slots = jnp.arange(p, dtype=jnp.int32)
+  real = slots[None] >= start[:, None]  # (B, P): not padding
+  # (B, P) unpadded positions; pad slots at 0 (finite: a learned table has no row -1)
+  positions = jnp.maximum(slots[None] - start[:, None], 0)
+  cache = model.init_cache(b, p + max_new, kv_start=start)
+  logits, cache = model.decode(tokens, positions, cache, last_only=True)  # (B, 1, V)
+
+  prompt_seen = counts = None
+  if opts.uses_counts:
+    counts = jnp.zeros((b, v), jnp.int32)
+    if opts.repetition_penalty != 1.0:  # loop-invariant: closed over, not carried
+      prompt_seen = jnp.zeros((b, v), jnp.int32).at[rows[:, None], tokens].add(
+          real.astype(jnp.int32)) > 0
+
+  def record(c: _Carry, logits) -> _Carry:
+    tok, lp = choose_tokens(key, logits, c.step, c.counts, prompt_seen, stop_ids, min_new,
+                            opts)
+    live = ~c.done
+    out = c.out.at[:, c.step].set(jnp.where(live, tok, 0))
+    logprobs = c.logprobs.at[:, c.step].set(jnp.where(live, lp, 0.0))
+    counts = c.counts
+    if counts is not None:
+      counts = counts.at[rows, tok].add(live.astype(jnp.int32))
+    hit = live & jnp.any(tok[:, None] == stop_ids[None], axis=-1)  # False when S == 0
+    step = c.step + 1
+    return c._replace(step=step, out=out, logprobs=logprobs, counts=counts,
+                      length=c.length + live.astype(jnp.int32),
+                      stopped=c.stopped | hit, done=c.done | hit | (step >= max_new))
+
+  def body(c: _Carry) -> _Carry:
+    prev = c.out[:, c.step - 1]  # (B,) the token chosen last step, at slot p + step - 1
+    pos = (p + c.step - 1 - start)[:, None]  # (B, 1) unpadded positions
+    logits, cache = model.decode(prev[:, None], pos, c.cache)  # (B, 1, V)
+    return record(c._replace(cache=cache), logits[:, 0])
+
+  def cond(c: _Carry) -> jax.Array:
+    return (c.step < max_new) & ~jnp.all(c.done)
+
+  first = _Carry(step=jnp.zeros((), jnp.int32), cache=cache,
+                 out=jnp.zeros((b, max_new), jnp.int32),
+                 logprobs=jnp.zeros((b, max_new), jnp.float32),
+                 length=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
+                 stopped=jnp.zeros((b,), bool), counts=counts)
+  c = jax.lax.while_loop(cond, body, record(first, logits[:, 0]))
+  return c.out, c.logprobs, c.length, c.stopped, c.step
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 1,
+                limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad prompts with id 0 to P = max length rounded up to `bucket` (but not past
+  `limit`, if given and the bucket would cross it) -> (tokens int32 (B, P), start (B,))."""
+  longest = max(len(q) for q in prompts)
+  p = -(-longest // bucket) * bucket
+  if limit is not None and p > limit:
+    p = longest
+  tokens = np.zeros((len(prompts), p), np.int32)
+  start = np.asarray([p - len(q) for q in prompts], np.int32)
+  for i, q in enumerate(prompts):
+    tokens[i, start[i]:] = q
+  return tokens, start
+
+
+def decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+           options: SamplingOptions = SamplingOptions(), *,
+           prompt_bucket: int = 8) -> DecodeResult:
+  """Continue each prompt (a list of ids; lengths may differ) by up to `max_new_tokens`
+  tokens in one jitted program; see the module docstring for the semantics."""
+  vocab = model.cfg.vocab_size
+  prompts = [list(map(int, q)) for q in prompts]
+  if not prompts or any(len(q) == 0 for q in prompts):
+    raise ValueError("engine: needs at least one prompt, and every prompt needs >= 1 token.")
+  flat = [t for q in prompts for t in q]
+  if min(flat) < 0 or max(flat) >= vocab:
+    raise ValueError(f"engine: prompt token ids must be in [0, {vocab}) (model.vocab_size); "
+                     f"got values in [{min(flat)}, {max(flat)}].")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"engine: max_new_tokens is {max_new_tokens!r}; it must be an int >= 1.")
+  options.validate(vocab)
+  longest = max(len(q) for q in prompts)
+  limit = None
+  if model.cfg.position == "learned":  # positions (not slots) index the table
+    limit = model.cfg.max_seq_len - max_new_tokens
+    if longest > limit:
+      raise ValueError(f"engine: prompt length {longest} + max_new_tokens {max_new_tokens} "
+                       f"= {longest + max_new_tokens} exceeds model.max_seq_len="
+                       f"{model.cfg.max_seq_len} (learned position table).")
+  tokens, start = pad_prompts(prompts, prompt_bucket, limit)
+  graphdef, state = nnx.split(model)
+  static = dataclasses.replace(options, seed=0, stop_ids=(), min_new_tokens=0)
+  out, logprobs, length, stopped, steps = jax.device_get(_decode(
+      graphdef, state, jnp.asarray(tokens), jnp.asarray(start), jax.random.key(options.seed),
+      jnp.asarray(options.stop_ids, jnp.int32).reshape(-1),
+      jnp.asarray(options.min_new_tokens, jnp.int32), max_new=max_new_tokens, opts=static))
+  return DecodeResult(
+      tokens=[out[i, :length[i]].tolist() for i in range(len(prompts))],
+      logprobs=[logprobs[i, :length[i]].tolist() for i in range(len(prompts))],
+      finish_reason=["stop" if s else "length" for s in stopped],
+      steps=int(steps))
