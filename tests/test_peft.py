@@ -394,7 +394,7 @@ def test_prefix_tuned_model_decodes_with_the_kv_cache():
   the same logits as the full forward pass (which puts them before the sequence)."""
   m = model("prefix")
   toks = tokens(2)[:2, :8]
-  full = logits(m, toks, "prefix")
+  full = logits(m, toks, "prefix-2x8")  # its own compiled forward: another shape
   graphdef, state = nnx.split(m)
 
   @jax.jit
