@@ -255,15 +255,20 @@ def test_engine_penalties_equal_a_numpy_penalized_full_forward(model):
     np.testing.assert_allclose(got_lp, want_lp, atol=1e-5)  # raw logits, not penalized
 
 
-@pytest.mark.slow  # compiles other models
-@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
-def test_ragged_greedy_with_absolute_positions(position):
-  m = make_model(dataclasses.replace(CFG, position=position, max_seq_len=24))
+def assert_ragged_greedy_matches_full_forward(m):
+  """Greedy decoding of the ragged PROMPTS equals each prompt alone by full forwards."""
   res = decode(m, PROMPTS, MAX_NEW, GREEDY)
   for prompt, got, got_lp in zip(PROMPTS, res.tokens, res.logprobs):
     want, want_lp = alone_by_full_forward(m, prompt, MAX_NEW)
     assert got == want
     np.testing.assert_allclose(got_lp, want_lp, atol=1e-5)
+
+
+@pytest.mark.slow  # compiles other models
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_ragged_greedy_with_absolute_positions(position):
+  m = make_model(dataclasses.replace(CFG, position=position, max_seq_len=24))
+  assert_ragged_greedy_matches_full_forward(m)
 
 
 @pytest.mark.slow  # compiles a PEFT model
@@ -274,11 +279,7 @@ def test_prefix_tuned_model_ragged_decode_equals_its_full_forward():
   with jax.threefry_partitionable(False):  # compiles faster on CPU (tests/test_peft.py)
     apply_peft(m, PeftConfig(method="prefix", num_virtual_tokens=4), nnx.Rngs(params=1))
   assert getattr(m.layers.block.attn, "prefix_peft", None) is not None
-  res = decode(m, PROMPTS, MAX_NEW, GREEDY)
-  for prompt, got, got_lp in zip(PROMPTS, res.tokens, res.logprobs):
-    want, want_lp = alone_by_full_forward(m, prompt, MAX_NEW)
-    assert got == want
-    np.testing.assert_allclose(got_lp, want_lp, atol=1e-5)
+  assert_ragged_greedy_matches_full_forward(m)
 
 
 @pytest.mark.slow  # compiles a larger model

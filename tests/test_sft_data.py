@@ -14,10 +14,8 @@ _WORDS = "def return self the a of to is hello world how do I sort list use sort
 
 
 @pytest.fixture(scope="module")
-def tok():
-  rng = random.Random(0)
-  texts = [" ".join(rng.choice(_WORDS) for _ in range(60)) + "\n" for _ in range(60)]
-  return sft.add_chat_tokens(tk.train_tokenizer(texts, None, vocab_size=300))
+def tok(chat_tokenizer):
+  return chat_tokenizer
 
 
 # ------------------------------------------------------------------------------- records

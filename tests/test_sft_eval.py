@@ -1,7 +1,6 @@
 """SFT generation eval: hand-computed F1 / exact match, prompts that are encode_conversation's
 prefix, greedy decoding equal to a full-forward argmax loop, scores over (forced) predictions."""
 
-import random
 
 import jax
 import jax.numpy as jnp
@@ -10,18 +9,13 @@ import pytest
 from flax import nnx
 
 from lmx.config import ModelConfig
-from lmx.data import sft, tokenizer as tk
+from lmx.data import sft
 from lmx.eval import sft_eval
 from lmx.model import Transformer
 
-_WORDS = "def return self the a of to is hello world how do I sort list use sorted ok".split()
-
-
 @pytest.fixture(scope="module")
-def tok():
-  rng = random.Random(0)
-  texts = [" ".join(rng.choice(_WORDS) for _ in range(60)) + "\n" for _ in range(60)]
-  return sft.add_chat_tokens(tk.train_tokenizer(texts, None, vocab_size=300))
+def tok(chat_tokenizer):
+  return chat_tokenizer
 
 
 @pytest.fixture(scope="module")
