@@ -110,6 +110,7 @@ def cli_main(argv: Sequence[str]) -> int:
   goes to stderr (the first batch includes the jit compile).
   """
   from lmx.data.tokenizer import load_or_train_tokenizer
+  from lmx.infer.beam import beam_search
   from lmx.experiment import load_experiment, split_config_args
   from lmx.train.checkpoint import restore_params
 
@@ -126,12 +127,18 @@ def cli_main(argv: Sequence[str]) -> int:
                       help="checkpoint directory (default: the run_dir of the config)")
   parser.add_argument("--max_new_tokens", type=int, default=None,
                       help="tokens to generate (default: sample.max_new_tokens)")
+  parser.add_argument("--beams", type=int, default=0,
+                      help="beam search of this width instead of sampling (lmx.infer.beam); "
+                           "prints the best beam, and with --batch_file the n-best with "
+                           "scores (default 0: sample)")
   args = parser.parse_args(rest)
   exp, _ = load_experiment(cfg_args)
   s = exp.sample
   max_new = s.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
   if max_new < 1:
     parser.error(f"--max_new_tokens is {max_new}; it must be >= 1")
+  if args.beams < 0:
+    parser.error(f"--beams is {args.beams}; it must be >= 0")
   if args.batch_size < 1:
     parser.error(f"--batch_size is {args.batch_size}; it must be >= 1")
   if args.batch_file is not None and args.prompt is not None:
@@ -154,17 +161,27 @@ def cli_main(argv: Sequence[str]) -> int:
     # Training documents are packed as [bos] + ids + [eos] (lmx.data.pipeline).
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in batch]
     t0 = time.perf_counter()
-    rows = generate(model, ids, max_new, **kw)
+    if args.beams:  # best first; the stop token (kept by beam_search) is dropped
+      nbest = beam_search(model, ids, max_new, beams=args.beams, stop_ids=(tokenizer.eos_id,))
+      nbest = [[(t[:-1] if t and t[-1] == tokenizer.eos_id else t, sc) for t, sc in hyps]
+               for hyps in nbest]
+      rows = [hyps[0] for hyps in nbest]
+    else:
+      rows = generate(model, ids, max_new, **kw)
     seconds += time.perf_counter() - t0
-    for prompt, (new, _) in zip(batch, rows):
+    for i, (prompt, (new, _)) in enumerate(zip(batch, rows)):
       n_tokens += len(new)
       text, kept, hit = _completion(tokenizer, new, args.stop)
       why = "stop" if hit or len(new) < max_new else "length"
       if args.batch_file is None:
         print(prompt + text)
       else:
-        print(json.dumps({"prompt": prompt, "completion": text, "tokens": kept,
-                          "finish_reason": why}), flush=True)
+        line = {"prompt": prompt, "completion": text, "tokens": kept, "finish_reason": why}
+        if args.beams:  # the n-best, best first, score = sum log-prob / length ** 1
+          line["beams"] = [dict(zip(("completion", "tokens"), _completion(tokenizer, t,
+                                                                          args.stop)[:2]),
+                                score=sc) for t, sc in nbest[i]]
+        print(json.dumps(line), flush=True)
   print(f"lmx generate: {n_tokens} new tokens in {seconds:.2f} s = "
         f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s (includes the jit compile)",
         file=sys.stderr)
