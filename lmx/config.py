@@ -73,6 +73,11 @@ class ModelConfig:
   # 13% faster per train step there), jax.nn.dot_product_attention elsewhere (cuDNN on GPU).
   attention_impl: str = "auto"  # auto | jax | blocked
   init_std: float = 0.02
+  # Weight-only quantization of the layer stack's projections for `lmx generate` and
+  # `lmx evaluate` (lmx.quant.apply; training ignores it): '' | int8 | int4 | nf4.
+  quant: str = ""
+  quant_group: int = 64  # int4/nf4: weights per scale along the contraction axis
+  kv_cache_dtype: str = ""  # '' keeps the KV cache in the compute dtype; 'int8' quantizes it
 
   # Derived sizes -- use these, never the raw 0 sentinels.
   @property
@@ -123,6 +128,20 @@ class ModelConfig:
       _fail("model.rope_theta", f"is {self.rope_theta!r}; it must be > 0")
     if self.norm_eps <= 0:
       _fail("model.norm_eps", f"is {self.norm_eps!r}; it must be > 0")
+    _choice("model.quant", self.quant, ("", "int8", "int4", "nf4"))
+    _choice("model.kv_cache_dtype", self.kv_cache_dtype, ("", "int8"))
+    if self.quant in ("int4", "nf4"):
+      g = self.quant_group
+      if not isinstance(g, int) or isinstance(g, bool) or g < 2 or g % 2:
+        _fail("model.quant_group", f"is {g!r}; it must be a positive even integer "
+              "(4-bit codes are packed in pairs)")
+      # The contraction sizes: d_model (wq/wk/wv/w_up/w_gate), N*H (wo), ff_dim (w_down).
+      for name, k in (("model.d_model", self.d_model),
+                      ("model.n_heads * head_dim", self.n_heads * self.dim_per_head),
+                      ("model.ff_dim", self.ff_dim)):
+        if k % g:
+          _fail("model.quant_group", f"is {g}; it must divide {name}={k}, the contraction "
+                "size of a projection")
     return self
 
 

@@ -89,6 +89,10 @@ def cli_main(argv: list[str]) -> int:
   with use_mesh(mesh, make_rules(exp.mesh)):
     model = Transformer(exp.model, rngs=nnx.Rngs(params=exp.seed))
     src = restore_params(exp, model, args.checkpoint)
+    if exp.model.quant:  # weight-only quantization for inference (lmx.quant.apply)
+      from lmx.quant.apply import quantize_model, report_bytes
+      report_bytes("lmx evaluate", exp.model.quant,
+                   quantize_model(model, exp.model.quant, exp.model.quant_group))
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     # The model was built on one device; lay the restored params out on the mesh.
     leaves, treedef = jax.tree.flatten(params)

@@ -153,6 +153,10 @@ def cli_main(argv: Sequence[str]) -> int:
   model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
   info = restore_params(exp, model, directory=args.checkpoint)  # in place
   print(f"lmx generate: restored {info['source']} (step {info['step']})", file=sys.stderr)
+  if exp.model.quant:  # weight-only quantization for inference (lmx.quant.apply)
+    from lmx.quant.apply import quantize_model, report_bytes
+    report_bytes("lmx generate", exp.model.quant,
+                 quantize_model(model, exp.model.quant, exp.model.quant_group))
   kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
             eos_id=tokenizer.eos_id, return_logprobs=True)
   n_tokens, seconds = 0, 0.0

@@ -23,10 +23,28 @@ from lmx.parallel.mesh import constrain
 
 @struct.dataclass
 class LayerCache:
-  """Keys and values in the compute dtype: (B, S_max, K, H) for one layer, with a leading
-  L axis for a layer stack (`lmx.model.stack`)."""
+  """Keys and values (B, S_max, K, H) for one layer, with a leading L axis for a layer
+  stack (`lmx.model.stack`): in the compute dtype, or int8 with `k_scale`/`v_scale`
+  float32 (B, S_max, K), one scale per (token, kv head) (ModelConfig.kv_cache_dtype='int8').
+  """
   k: jax.Array
   v: jax.Array
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Keys or values (..., H) -> int8 codes (..., H) and float32 scales (...): absmax over
+  the head dim / 127, symmetric (an all-zero vector gets scale 0 and codes 0)."""
+  x = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127
+  codes = jnp.round(x / jnp.where(scale == 0, 1.0, scale)[..., None])
+  return jnp.clip(codes, -127, 127).astype(jnp.int8), scale
+
+
+def dequantize_kv(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  """The inverse of `quantize_kv` up to rounding: (..., H) in `dtype`."""
+  return (codes.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def segment_mask(segment_ids: jax.Array, shared: bool = False) -> jax.Array:
@@ -194,12 +212,25 @@ class Attention(Projections):
     """Attend t new tokens x (B, t, D) to the cached prefix plus themselves, as if written
     at slot `index`. Returns (B, t, D) and the t new keys/values (B, t, K, H) in the cache
     dtype; the caller writes them into the cache (`lmx.model.stack.decode_layers` does it
-    once for all layers). `kv_start` (B,): per-row left padding to skip (`cache_mask`)."""
+    once for all layers). `kv_start` (B,): per-row left padding to skip (`cache_mask`).
+    An int8 cache (k_scale set) gets the new keys/values quantized, and attention reads the
+    whole cache dequantized, the new tokens included (what later steps will read too)."""
     q, k, v = self._qkv(x, positions)
-    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
     start = (0, index, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k, start)  # (B, S, K, H)
-    v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+    if cache.k_scale is None:
+      k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+      k_all = jax.lax.dynamic_update_slice(cache.k, k, start)  # (B, S, K, H)
+      v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+      new = LayerCache(k=k, v=v)
+    else:
+      (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)  # (B, t, K, H), (B, t, K)
+      k_all = dequantize_kv(jax.lax.dynamic_update_slice(cache.k, k, start),
+                            jax.lax.dynamic_update_slice(cache.k_scale, k_scale, start[:3]),
+                            q.dtype)  # (B, S, K, H)
+      v_all = dequantize_kv(jax.lax.dynamic_update_slice(cache.v, v, start),
+                            jax.lax.dynamic_update_slice(cache.v_scale, v_scale, start[:3]),
+                            q.dtype)
+      new = LayerCache(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
     mask = cache_mask(index, x.shape[1], cache.k.shape[1], kv_start)
     prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
     if prefix is not None:  # prefix tuning: the learned keys/values sit before the cache
@@ -207,4 +238,4 @@ class Attention(Projections):
       k_all, v_all = jnp.concatenate([pk, k_all], 1), jnp.concatenate([pv, v_all], 1)
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (pk.shape[1],), bool), mask], -1)
     o = _attend(q, k_all, v_all, mask, is_causal=False)  # (B, t, N, H)
-    return self._out(o), LayerCache(k=k, v=v)
+    return self._out(o), new

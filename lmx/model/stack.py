@@ -149,7 +149,12 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
   start = (0, 0, index, 0, 0)
   k = jax.lax.dynamic_update_slice(cache.k, new.k, start)  # new is in the cache dtype
   v = jax.lax.dynamic_update_slice(cache.v, new.v, start)
-  return x, LayerCache(k=k, v=v)
+  if cache.k_scale is None:
+    return x, LayerCache(k=k, v=v)
+  # int8 cache: the per-(token, kv head) scales (L, B, S, K) are written the same way.
+  k_scale = jax.lax.dynamic_update_slice(cache.k_scale, new.k_scale, start[:4])
+  v_scale = jax.lax.dynamic_update_slice(cache.v_scale, new.v_scale, start[:4])
+  return x, LayerCache(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
 
 
 class LayerStack(nnx.Module):
@@ -175,9 +180,14 @@ class LayerStack(nnx.Module):
                       unroll=not self.cfg.scan_layers, keys=keys)
 
   def init_cache(self, batch: int, max_len: int) -> LayerCache:
-    """Zero keys/values (L, B, max_len, K, H) in the compute dtype."""
+    """Zero keys/values (L, B, max_len, K, H) in the compute dtype, or int8 with float32
+    scales (L, B, max_len, K) when `cfg.kv_cache_dtype` is 'int8'."""
     cfg = self.cfg
     shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+    if cfg.kv_cache_dtype == "int8":
+      zeros = lambda: jnp.zeros(shape[:-1], jnp.float32)
+      return LayerCache(k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
+                        k_scale=zeros(), v_scale=zeros())
     dtype = compute_dtype(cfg)
     return LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 

@@ -36,7 +36,8 @@ _ACT = ("batch", "seq", "embed")
 
 @struct.dataclass
 class KVCache:
-  """The stack's keys/values, k/v (L, B, S_max, K, H), plus `index`: the int32 number of
+  """The stack's keys/values, k/v (L, B, S_max, K, H) (int8 plus scales when
+  model.kv_cache_dtype='int8', `LayerCache`), plus `index`: the int32 number of
   slots already written (the same for every row and layer), and optionally `kv_start`
   (B,) int32: row b's first real slot; slots before it hold left padding that attention
   skips (ragged prompts, `lmx.infer.engine`). None means every slot is real."""
