@@ -26,10 +26,13 @@ import numpy as np
 from flax import nnx
 
 from lmx.model.layers import project
-from lmx.peft.qlora import QParam
 from lmx.quant.weights import KINDS, QTensor, dequantize, quantize
 
 _FIELDS = ("data", "scale", "scale_scale", "scale_mean")
+
+
+class QParam(nnx.Param):
+  """A frozen array of a quantized weight (codes or scales), not a float parameter."""
 
 
 class QuantizedWeight(nnx.Module):
@@ -38,8 +41,9 @@ class QuantizedWeight(nnx.Module):
 
   A stacked weight (L, in..., out...) (the layer stack's) is quantized layer by layer with
   vmap, so every array keeps the leading L axis and the layer scan slices it with the rest
-  of the layer. Arrays are frozen `QParam`s (from lmx.peft.qlora), so they are saved,
-  sharded and split like parameters; the layout is a static tuple in the graphdef.
+  of the layer. Arrays are frozen `QParam`s, so they are saved, sharded, donated and split
+  like parameters (never baked into a step as constants); the layout is a static tuple in
+  the graphdef. QLoRA's frozen base is this with kind 'nf4' (lmx.peft.qlora).
   NOTE: the quantized arrays are replicated over fsdp/tensor (their layout is not the
   weight's); only the 'layers' axis keeps its name.
   """
@@ -49,6 +53,7 @@ class QuantizedWeight(nnx.Module):
     value = w.get_value()
     names = tuple(w.get_metadata().get("out_sharding") or ())
     self.stacked = bool(names) and names[0] == "layers"
+    self.names = names  # the float weight's logical axes, for `to_param`
     self.n_in = n_in
     axes = tuple(range(n_in))  # the contraction axes of the per-layer weight
     q = lambda a: quantize(a, kind, group_size=group_size, double_quant=double_quant,
@@ -76,6 +81,13 @@ class QuantizedWeight(nnx.Module):
 
   def nbytes(self) -> int:
     return sum(getattr(self, f)[...].nbytes for f in _FIELDS if hasattr(self, f))
+
+  def to_param(self) -> nnx.Param:
+    """A float32 Param of the dequantized weight, with the weight's logical axis names
+    (for merging LoRA into it, lmx.peft.merge_lora)."""
+    value = self.dequantized("float32")
+    return nnx.Param(value, out_sharding=self.names or (None,) * value.ndim,
+                     eager_sharding=False)
 
   def __call__(self, x: jax.Array, dtype, n_in: int) -> jax.Array:
     # Inside the layer scan the arrays are one layer's slice: dequantize that layer only.
