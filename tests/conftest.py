@@ -23,3 +23,15 @@ def chat_tokenizer():
   rng = random.Random(0)
   texts = [" ".join(rng.choice(_WORDS) for _ in range(60)) + "\n" for _ in range(60)]
   return sft.add_chat_tokens(tk.train_tokenizer(texts, None, vocab_size=300))
+
+
+class CharTokenizer:
+  """Stand-in for the SentencePiece tokenizer in CLI tests: one id per character (ids
+  4..63); bos 2, eos 3."""
+  bos_id, eos_id, vocab_size = 2, 3, 64
+
+  def encode(self, text):
+    return [4 + ord(c) % 60 for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(ord("a") + i % 26) for i in ids)

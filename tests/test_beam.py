@@ -199,20 +199,12 @@ def test_a_ragged_batch_equals_each_prompt_alone(model, stop_id):
                                atol=1e-6)
 
 
-class _CharTokenizer:
-  """One id per character (ids 4..63); bos 2, eos 3."""
-  bos_id, eos_id, vocab_size = 2, 3, 64
-
-  def encode(self, text):
-    return [4 + ord(c) % 60 for c in text]
-
-  def decode(self, ids):
-    return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
 @pytest.mark.slow
 def test_cli_beams_prints_the_n_best_with_scores(monkeypatch, capsys, tmp_path):
   import json
+  from conftest import CharTokenizer
   import pathlib
 
   import lmx.data.tokenizer
@@ -221,7 +213,7 @@ def test_cli_beams_prints_the_n_best_with_scores(monkeypatch, capsys, tmp_path):
   from lmx.infer.generate import cli_main
 
   monkeypatch.setattr(lmx.data.tokenizer, "load_or_train_tokenizer",
-                      lambda exp: _CharTokenizer())
+                      lambda exp: CharTokenizer())
   monkeypatch.setattr(lmx.train.checkpoint, "restore_params",
                       lambda exp, model, directory=None: {"source": "fake", "step": 0})
   default = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py"
@@ -233,7 +225,7 @@ def test_cli_beams_prints_the_n_best_with_scores(monkeypatch, capsys, tmp_path):
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   exp, _ = load_experiment(cfg)
   model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
-  tok = _CharTokenizer()
+  tok = CharTokenizer()
   want = beam_search(model, [[tok.bos_id] + tok.encode(p) for p in ("ab", "hello")], 5,
                      beams=2, stop_ids=(tok.eos_id,))
   for d, hyps in zip(lines, want):

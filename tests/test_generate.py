@@ -83,15 +83,7 @@ def test_bad_prompts_fail_clearly(model, bad):
     generate(model, bad, 4)
 
 
-class _CharTokenizer:
-  """Stand-in for the SentencePiece tokenizer: one id per character (ids 4..63)."""
-  bos_id, eos_id, vocab_size = 2, 3, 64
-
-  def encode(self, text):
-    return [4 + ord(c) % 60 for c in text]
-
-  def decode(self, ids):
-    return "".join(chr(ord("a") + i % 26) for i in ids)
+from conftest import CharTokenizer as _CharTokenizer  # noqa: E402
 
 
 @pytest.mark.slow  # compiles/trains: not in the 90 s fast set
