@@ -101,7 +101,8 @@ def _completion(tokenizer, ids: list[int], stops: Sequence[str]) -> tuple[str, l
 
 def cli_main(argv: Sequence[str]) -> int:
   """`lmx generate --config=... [--prompt TEXT | --batch_file FILE] [--checkpoint DIR]
-  [--max_new_tokens N] [--stop STRING ...]`.
+  [--max_new_tokens N] [--stop STRING ...] [--beams N | --draft_config=FILE
+  [--draft_checkpoint DIR] [--spec_k K] | --prompt_lookup]`.
 
   Sampling settings come from the config's `sample` section (override with
   `--config.sample.temperature=0.5` etc.). With --batch_file, each line of FILE is a prompt
@@ -111,6 +112,7 @@ def cli_main(argv: Sequence[str]) -> int:
   """
   from lmx.data.tokenizer import load_or_train_tokenizer
   from lmx.infer.beam import beam_search
+  from lmx.infer.speculative import prompt_lookup_decode, speculative_decode
   from lmx.experiment import load_experiment, split_config_args
   from lmx.train.checkpoint import restore_params
 
@@ -131,6 +133,16 @@ def cli_main(argv: Sequence[str]) -> int:
                       help="beam search of this width instead of sampling (lmx.infer.beam); "
                            "prints the best beam, and with --batch_file the n-best with "
                            "scores (default 0: sample)")
+  parser.add_argument("--draft_config", default=None,
+                      help="speculative decoding (lmx.infer.speculative) with this "
+                           "experiment's model as the draft (same tokenizer as the target)")
+  parser.add_argument("--draft_checkpoint", default=None,
+                      help="the draft's checkpoint directory (default: its config's run_dir)")
+  parser.add_argument("--spec_k", type=int, default=4,
+                      help="tokens proposed per speculative round (default 4)")
+  parser.add_argument("--prompt_lookup", action="store_true",
+                      help="speculative decoding with proposals looked up in the prompt + "
+                           "generated tokens (no draft model)")
   args = parser.parse_args(rest)
   exp, _ = load_experiment(cfg_args)
   s = exp.sample
@@ -139,6 +151,13 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.error(f"--max_new_tokens is {max_new}; it must be >= 1")
   if args.beams < 0:
     parser.error(f"--beams is {args.beams}; it must be >= 0")
+  speculate = args.draft_config is not None or args.prompt_lookup
+  if speculate and args.beams:
+    parser.error("--draft_config / --prompt_lookup cannot be combined with --beams")
+  if args.draft_config is not None and args.prompt_lookup:
+    parser.error("give --draft_config or --prompt_lookup, not both")
+  if args.spec_k < 1:
+    parser.error(f"--spec_k is {args.spec_k}; it must be >= 1")
   if args.batch_size < 1:
     parser.error(f"--batch_size is {args.batch_size}; it must be >= 1")
   if args.batch_file is not None and args.prompt is not None:
@@ -157,6 +176,16 @@ def cli_main(argv: Sequence[str]) -> int:
     from lmx.quant.apply import quantize_model, report_bytes
     report_bytes("lmx generate", exp.model.quant,
                  quantize_model(model, exp.model.quant, exp.model.quant_group))
+  draft = None
+  if args.draft_config is not None:
+    draft_exp, _ = load_experiment([f"--config={args.draft_config}"])
+    draft = Transformer(draft_exp.model, rngs=nnx.Rngs(draft_exp.seed))
+    dinfo = restore_params(draft_exp, draft, directory=args.draft_checkpoint)
+    print(f"lmx generate: draft restored {dinfo['source']} (step {dinfo['step']})",
+          file=sys.stderr)
+  spec_opts = SamplingOptions(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                              seed=s.seed, stop_ids=(tokenizer.eos_id,))
+  spec_totals = np.zeros(3, np.int64)  # accepted, proposed, target calls
   kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
             eos_id=tokenizer.eos_id, return_logprobs=True)
   n_tokens, seconds = 0, 0.0
@@ -170,6 +199,14 @@ def cli_main(argv: Sequence[str]) -> int:
       nbest = [[(t[:-1] if t and t[-1] == tokenizer.eos_id else t, sc) for t, sc in hyps]
                for hyps in nbest]
       rows = [hyps[0] for hyps in nbest]
+    elif speculate:  # the stop token (kept by the engine convention) is dropped
+      if draft is not None:
+        res = speculative_decode(model, draft, ids, max_new, spec_opts, k=args.spec_k)
+      else:
+        res = prompt_lookup_decode(model, ids, max_new, spec_opts, k=args.spec_k)
+      spec_totals += (res.accepted, res.proposed, res.target_calls)
+      rows = [(t[:-1] if why == "stop" else t, None)
+              for t, why in zip(res.tokens, res.finish_reason)]
     else:
       rows = generate(model, ids, max_new, **kw)
     seconds += time.perf_counter() - t0
@@ -189,4 +226,10 @@ def cli_main(argv: Sequence[str]) -> int:
   print(f"lmx generate: {n_tokens} new tokens in {seconds:.2f} s = "
         f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s (includes the jit compile)",
         file=sys.stderr)
+  if speculate:
+    accepted, proposed, calls = spec_totals.tolist()
+    print(f"lmx generate: speculative ({'draft' if draft is not None else 'prompt lookup'}, "
+          f"k={args.spec_k}): acceptance {accepted}/{proposed} = "
+          f"{accepted / max(proposed, 1):.3f}; {calls} target calls for {n_tokens} tokens "
+          f"= {calls / max(n_tokens, 1):.3f} per token", file=sys.stderr)
   return 0
