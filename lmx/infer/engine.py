@@ -1,10 +1,11 @@
-"""The decode engine: ragged prompts -> sampled continuations in ONE jitted program.
+"""The decode engine: ragged prompts -> sampled continuations, prefill + one jitted loop.
 
     prompts (lists of ids, any lengths) --left pad to P--> tokens (B, P), start (B,)
       prefill: one model.decode over (B, P) fills cache slots 0..P-1; LM head on slot P-1 only
       loop:    jax.lax.while_loop, one token per row per step, until every row is done
                or max_new_tokens columns are filled
     -> DecodeResult(tokens, logprobs, finish_reason, steps)
+    stream(...): the same, yielding StreamChunk(new tokens per row, ...) every `chunk` steps
 
 Design choices:
 - Ragged batches by LEFT padding. Row b has start[b] = P - len(prompt_b) pad slots, so
@@ -16,16 +17,22 @@ Design choices:
   Pad slots hold token 0 at position 0 (finite activations, never read by a real query).
 - P is rounded up to a multiple of `prompt_bucket` (8) so nearby prompt lengths share one
   compiled program; padding is masked, so it changes no number beyond float summation order.
-- One jit per (graphdef, B, P, max_new_tokens, number of stop ids, sampling settings):
-  prefill and the loop are a single program, the cache is created inside it (never copied
-  to or from the host), and the host syncs once, at the end. The seed, the stop ids and
-  min_new_tokens are runtime inputs (no recompile); temperature, top-k/p, min-p and the
-  penalties are static (top-k needs a static k; the others select code paths).
-- The loop carry: the cache, the output buffers (B, max_new) of tokens and log-probs, per-row
-  lengths and done / stopped flags, the step counter, and per-row token counts (B, V) when
-  a penalty needs them. The RNG key of step i is fold_in(key(seed), i) (loop-invariant key,
-  no split in the carry). Finished rows keep computing (the batch is dense) but record
-  nothing.
+- Two jitted programs per (graphdef, B, P, max_new_tokens, number of stop ids, sampling
+  settings): `_start_jit` (create the cache, prefill, choose token 0) and `_advance_jit`
+  (the while_loop, run until a step limit that is a RUNTIME input, or every row is done).
+  `decode` runs start + one advance to max_new_tokens and syncs the host once, at the end;
+  `stream` runs start + one advance per chunk (one compile serves every chunk) and copies
+  only the chunk's new columns and the per-row flags to the host. The carry is donated to
+  `_advance_jit`, so the cache and the buffers stay on the device, updated in place, and
+  are never copied to or from the host. The seed, the stop ids and min_new_tokens are
+  runtime inputs (no recompile); temperature, top-k/p, min-p and the penalties are static
+  (top-k needs a static k; the others select code paths).
+- The loop carry (`_Carry`): the cache, the output buffers (B, max_new) of tokens and
+  log-probs, per-row lengths and done / stopped flags, the step counter, and per-row token
+  counts (B, V) when a penalty needs them. Loop invariants (`_Fixed`: key, stop ids,
+  min_new, pad starts, prompt tokens seen) are passed beside it, not donated. The RNG key
+  of step i is fold_in(key(seed), i) (no split in the carry). Finished rows keep computing
+  (the batch is dense) but record nothing.
 - Sampling order (`lmx.infer.sampling`): repetition penalty (CTRL; over prompt + generated
   tokens) -> frequency / presence penalties (OpenAI; over generated tokens, as vLLM) ->
   stop ids masked to -inf until min_new_tokens are generated -> temperature (0 = greedy
@@ -44,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,15 +150,39 @@ def choose_tokens(key: jax.Array, logits: jax.Array, step: jax.Array,
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "opts"))
-def _decode(graphdef, state, tokens, start, key, stop_ids, min_new, *, max_new: int,
-            opts: SamplingOptions):
-  """tokens (B, P) left-padded, start (B,) pad slots per row, stop_ids (S,), min_new () ->
-  (out, logprobs (B, max_new), length, stopped (B,), steps ())."""
-  model = nnx.merge(graphdef, state)
+class _Fixed(NamedTuple):
+  """Loop invariants: read by every step, never written (so never donated)."""
+  key: jax.Array  # the seed's key; step i draws with fold_in(key, i)
+  stop_ids: jax.Array  # (S,) int32
+  min_new: jax.Array  # () int32: stop ids are masked while step < min_new
+  start: jax.Array  # (B,) int32 pad slots per row
+  prompt_seen: jax.Array | None  # (B, V) bool prompt tokens, with a repetition penalty
+
+
+def _record(c: _Carry, logits: jax.Array, fixed: _Fixed, opts: SamplingOptions) -> _Carry:
+  """Choose each row's token from raw logits (B, V) and write column c.step."""
+  max_new = c.out.shape[1]
+  tok, lp = choose_tokens(fixed.key, logits, c.step, c.counts, fixed.prompt_seen,
+                          fixed.stop_ids, fixed.min_new, opts)
+  live = ~c.done
+  out = c.out.at[:, c.step].set(jnp.where(live, tok, 0))
+  logprobs = c.logprobs.at[:, c.step].set(jnp.where(live, lp, 0.0))
+  counts = c.counts
+  if counts is not None:
+    counts = counts.at[jnp.arange(tok.shape[0]), tok].add(live.astype(jnp.int32))
+  hit = live & jnp.any(tok[:, None] == fixed.stop_ids[None], axis=-1)  # False when S == 0
+  step = c.step + 1
+  return c._replace(step=step, out=out, logprobs=logprobs, counts=counts,
+                    length=c.length + live.astype(jnp.int32),
+                    stopped=c.stopped | hit, done=c.done | hit | (step >= max_new))
+
+
+def _start(model: Transformer, tokens, start, key, stop_ids, min_new, max_new: int,
+           opts: SamplingOptions) -> tuple[_Fixed, _Carry]:
+  """Prefill: tokens (B, P) left-padded, start (B,) pad slots per row -> the loop
+  invariants and the carry after the first token (step 1)."""
   b, p = tokens.shape
   v = model.cfg.vocab_size
-  rows = jnp.arange(b)
   slots = jnp.arange(p, dtype=jnp.int32)
   real = slots[None] >= start[:, None]  # (B, P): not padding
   # (B, P) unpadded positions; pad slots at 0 (finite: a learned table has no row -1)
@@ -162,41 +193,57 @@ def _decode(graphdef, state, tokens, start, key, stop_ids, min_new, *, max_new: 
   prompt_seen = counts = None
   if opts.uses_counts:
     counts = jnp.zeros((b, v), jnp.int32)
-    if opts.repetition_penalty != 1.0:  # loop-invariant: closed over, not carried
-      prompt_seen = jnp.zeros((b, v), jnp.int32).at[rows[:, None], tokens].add(
+    if opts.repetition_penalty != 1.0:
+      prompt_seen = jnp.zeros((b, v), jnp.int32).at[jnp.arange(b)[:, None], tokens].add(
           real.astype(jnp.int32)) > 0
-
-  def record(c: _Carry, logits) -> _Carry:
-    tok, lp = choose_tokens(key, logits, c.step, c.counts, prompt_seen, stop_ids, min_new,
-                            opts)
-    live = ~c.done
-    out = c.out.at[:, c.step].set(jnp.where(live, tok, 0))
-    logprobs = c.logprobs.at[:, c.step].set(jnp.where(live, lp, 0.0))
-    counts = c.counts
-    if counts is not None:
-      counts = counts.at[rows, tok].add(live.astype(jnp.int32))
-    hit = live & jnp.any(tok[:, None] == stop_ids[None], axis=-1)  # False when S == 0
-    step = c.step + 1
-    return c._replace(step=step, out=out, logprobs=logprobs, counts=counts,
-                      length=c.length + live.astype(jnp.int32),
-                      stopped=c.stopped | hit, done=c.done | hit | (step >= max_new))
-
-  def body(c: _Carry) -> _Carry:
-    prev = c.out[:, c.step - 1]  # (B,) the token chosen last step, at slot p + step - 1
-    pos = (p + c.step - 1 - start)[:, None]  # (B, 1) unpadded positions
-    logits, cache = model.decode(prev[:, None], pos, c.cache)  # (B, 1, V)
-    return record(c._replace(cache=cache), logits[:, 0])
-
-  def cond(c: _Carry) -> jax.Array:
-    return (c.step < max_new) & ~jnp.all(c.done)
-
+  fixed = _Fixed(key=key, stop_ids=stop_ids, min_new=min_new, start=start,
+                 prompt_seen=prompt_seen)
   first = _Carry(step=jnp.zeros((), jnp.int32), cache=cache,
                  out=jnp.zeros((b, max_new), jnp.int32),
                  logprobs=jnp.zeros((b, max_new), jnp.float32),
                  length=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
                  stopped=jnp.zeros((b,), bool), counts=counts)
-  c = jax.lax.while_loop(cond, body, record(first, logits[:, 0]))
-  return c.out, c.logprobs, c.length, c.stopped, c.step
+  return fixed, _record(first, logits[:, 0], fixed, opts)
+
+
+def _advance(model: Transformer, fixed: _Fixed, c: _Carry, until: jax.Array,
+             opts: SamplingOptions) -> _Carry:
+  """Run the loop from c.step until step == `until` (() int32, a runtime value: one
+  compile serves every chunk) or every row is done."""
+
+  def body(c: _Carry) -> _Carry:
+    prev = c.out[:, c.step - 1]  # (B,) the token chosen last step, at slot cache.index
+    pos = (c.cache.index - fixed.start)[:, None]  # (B, 1) unpadded positions
+    logits, cache = model.decode(prev[:, None], pos, c.cache)  # (B, 1, V)
+    return _record(c._replace(cache=cache), logits[:, 0], fixed, opts)
+
+  def cond(c: _Carry) -> jax.Array:
+    return (c.step < until) & ~jnp.all(c.done)
+
+  return jax.lax.while_loop(cond, body, c)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "opts"))
+def _start_jit(graphdef, state, tokens, start, key, stop_ids, min_new, *, max_new: int,
+               opts: SamplingOptions) -> tuple[_Fixed, _Carry]:
+  return _start(nnx.merge(graphdef, state), tokens, start, key, stop_ids, min_new, max_new,
+                opts)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("carry",))
+def _advance_jit(graphdef, state, fixed: _Fixed, carry: _Carry, until, *,
+                 opts: SamplingOptions) -> _Carry:
+  """The carry is donated: the cache and the output buffers are updated in place across
+  calls (a stream's chunks), never copied."""
+  return _advance(nnx.merge(graphdef, state), fixed, carry, until, opts)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _columns(out, logprobs, lo, *, width: int):
+  """Columns [lo, lo + width) of the (B, max_new) output buffers: the only part of the
+  carry a stream copies to the host per chunk (lo <= max_new - width, or it is clamped)."""
+  return (jax.lax.dynamic_slice_in_dim(out, lo, width, axis=1),
+          jax.lax.dynamic_slice_in_dim(logprobs, lo, width, axis=1))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 1,
@@ -214,11 +261,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 1,
   return tokens, start
 
 
-def decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           options: SamplingOptions = SamplingOptions(), *,
-           prompt_bucket: int = 8) -> DecodeResult:
-  """Continue each prompt (a list of ids; lengths may differ) by up to `max_new_tokens`
-  tokens in one jitted program; see the module docstring for the semantics."""
+def _begin(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+           options: SamplingOptions, prompt_bucket: int):
+  """Validate, pad and prefill -> (graphdef, state, static options, fixed, carry at step 1);
+  nothing is synced to the host."""
   vocab = model.cfg.vocab_size
   prompts = [list(map(int, q)) for q in prompts]
   if not prompts or any(len(q) == 0 for q in prompts):
@@ -241,12 +287,75 @@ def decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
   tokens, start = pad_prompts(prompts, prompt_bucket, limit)
   graphdef, state = nnx.split(model)
   static = dataclasses.replace(options, seed=0, stop_ids=(), min_new_tokens=0)
-  out, logprobs, length, stopped, steps = jax.device_get(_decode(
+  fixed, carry = _start_jit(
       graphdef, state, jnp.asarray(tokens), jnp.asarray(start), jax.random.key(options.seed),
       jnp.asarray(options.stop_ids, jnp.int32).reshape(-1),
-      jnp.asarray(options.min_new_tokens, jnp.int32), max_new=max_new_tokens, opts=static))
+      jnp.asarray(options.min_new_tokens, jnp.int32), max_new=max_new_tokens, opts=static)
+  return graphdef, state, static, fixed, carry
+
+
+def decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+           options: SamplingOptions = SamplingOptions(), *,
+           prompt_bucket: int = 8) -> DecodeResult:
+  """Continue each prompt (a list of ids; lengths may differ) by up to `max_new_tokens`
+  tokens: prefill, then ONE loop to the end; the host syncs once. See the module
+  docstring for the semantics."""
+  graphdef, state, static, fixed, c = _begin(model, prompts, max_new_tokens, options,
+                                             prompt_bucket)
+  c = _advance_jit(graphdef, state, fixed, c, jnp.int32(max_new_tokens), opts=static)
+  out, logprobs, length, stopped, steps = jax.device_get(
+      (c.out, c.logprobs, c.length, c.stopped, c.step))
   return DecodeResult(
-      tokens=[out[i, :length[i]].tolist() for i in range(len(prompts))],
-      logprobs=[logprobs[i, :length[i]].tolist() for i in range(len(prompts))],
+      tokens=[out[i, :length[i]].tolist() for i in range(len(out))],
+      logprobs=[logprobs[i, :length[i]].tolist() for i in range(len(out))],
       finish_reason=["stop" if s else "length" for s in stopped],
       steps=int(steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamChunk:
+  """Per row: the tokens (and raw-logit log-probs) recorded since the previous chunk
+  (empty for a row that finished earlier), whether the row is done, and why ('stop' or
+  'length'; None while it runs). `steps` counts the token columns run so far."""
+  tokens: list[list[int]]
+  logprobs: list[list[float]]
+  done: list[bool]
+  finish_reason: list[str | None]
+  steps: int
+
+
+def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+           options: SamplingOptions = SamplingOptions(), *, chunk: int = 16,
+           prompt_bucket: int = 8) -> Iterator[StreamChunk]:
+  """`decode`, yielded every `chunk` token columns: the same programs (prefill, then the
+  loop resumed to step chunk, 2 chunk, ...; the step limit is a runtime input), so the
+  chunks concatenate to `decode`'s result exactly. The carry (cache, buffers) stays on
+  the device; per chunk only the new (B, <= chunk) columns and the per-row flags are
+  copied to the host. Ends after ceil(steps / chunk) chunks: at max_new_tokens, or as
+  soon as every row is done (no empty trailing chunk)."""
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"engine: chunk is {chunk!r}; it must be an int >= 1.")
+  graphdef, state, static, fixed, c = _begin(model, prompts, max_new_tokens, options,
+                                             prompt_bucket)
+  width = min(chunk, max_new_tokens)
+  lo = 0  # the first column not yet sent
+  while True:
+    until = min(lo + chunk, max_new_tokens)
+    c = _advance_jit(graphdef, state, fixed, c, jnp.int32(until), opts=static)
+    first = min(lo, max_new_tokens - width)  # _columns' start, clamped to fit `width`
+    out, logprobs = _columns(c.out, c.logprobs, jnp.int32(first), width=width)
+    # NOTE: fetched before the next _advance_jit call donates (invalidates) this carry.
+    out, logprobs, length, done, stopped, step = jax.device_get(
+        (out, logprobs, c.length, c.done, c.stopped, c.step))
+    step = int(step)
+    rows = [slice(lo - first, max(lo, min(step, n)) - first) for n in length.tolist()]
+    yield StreamChunk(
+        tokens=[out[i, r].tolist() for i, r in enumerate(rows)],
+        logprobs=[logprobs[i, r].tolist() for i, r in enumerate(rows)],
+        done=done.tolist(),
+        finish_reason=[("stop" if s else "length") if d else None
+                       for d, s in zip(done.tolist(), stopped.tolist())],
+        steps=step)
+    if done.all() or step >= max_new_tokens:
+      return
+    lo = step
