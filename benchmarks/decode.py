@@ -1,15 +1,21 @@
-"""Decode throughput: lmx's jitted engine vs transformers' `generate` on torch, same weights.
+"""Decode throughput: lmx's jitted engine vs transformers' `generate` on torch, same weights,
+and as a fraction of the machine's memory-bandwidth limit.
 
-    .venv/bin/python benchmarks/decode.py [--batches 1,8] [--new 64] [--prompt 32] [--rounds 3]
+    .venv/bin/python benchmarks/decode.py [--shapes default,b58] [--batches 1,8]
+        [--new 128] [--prompt 32] [--rounds 3]
 
-Both decode greedily from the same random LLaMA-shaped weights (the default experiment's
-shape; lmx's weights are copied into LlamaForCausalLM with lmx.interop.hf.llama_to_hf), for
-`--new` tokens after a `--prompt`-token prompt, at each batch size. EOS is disabled on both
-sides so every row runs the full length. Rounds alternate the two (drift on a shared
-machine hits both alike); the median round is reported. The first lmx call (compile) is
-reported apart. Also reported: the KV-cache + weight bytes one decode step must read,
-divided by the step time -- the memory traffic rate (on CPU a ratio against the peer,
-not a hardware-limit figure). Prints one JSON line.
+Shapes: `default` (the default experiment's model) and `b58` (the 58M LLaMA shape: vocab
+32000, d 512, d_ff 1408, 8 layers, 8 heads, untied). Both sides decode greedily from the
+same random weights (lmx's copied into LlamaForCausalLM with lmx.interop.hf.llama_to_hf),
+`--new` tokens after a `--prompt`-token prompt, EOS off so every row runs the full length;
+rounds alternate lmx / HF (drift hits both alike) and the median round is reported.
+
+The bandwidth limit: a decoded token must read every weight matrix once except the input
+embedding, of which it reads one row (168 MB for b58 in fp32). `bandwidth_fraction` =
+those bytes x tokens/s at batch 1 / the read bandwidth measured in the same run (a jitted
+`jnp.sum` over a 256 MB array, best of 5). KV-cache reads are not counted (small here).
+int8: the same model with `lmx.quant.apply.quantize_model(..., 'int8')` at batch 1.
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -29,8 +35,38 @@ from lmx.infer.engine import SamplingOptions, decode
 from lmx.interop.hf import llama_to_hf
 from lmx.model.transformer import Transformer
 
-SHAPE = ModelConfig(vocab_size=4096, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2,
-                    max_seq_len=256, scan_layers=False)
+SHAPES = {
+    "default": ModelConfig(vocab_size=4096, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2,
+                           max_seq_len=256, scan_layers=False),
+    "b58": ModelConfig(vocab_size=32000, d_model=512, d_ff=1408, n_layers=8, n_heads=8,
+                       max_seq_len=512, tie_embeddings=False, scan_layers=False),
+}
+
+
+def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
+  """Bytes/s of a jitted full read (sum) of an `mb` MB float32 array, best of `reps`."""
+  import jax.numpy as jnp
+  x = jnp.ones((mb << 18,), jnp.float32)  # mb MiB
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(reps))
+  return x.nbytes / best
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def bytes_per_token(model: Transformer) -> int:
+  """Weight bytes one decoded token reads: every parameter except the input embedding
+  table, of which one row (a tied embedding is read whole, as the LM head)."""
+  total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  if model.cfg.tie_embeddings:
+    return int(total)
+  emb = model.embed.get_value()
+  return int(total - emb.nbytes + emb.nbytes // emb.shape[0])
 
 
 def hf_model(model: Transformer):
@@ -53,60 +89,76 @@ def hf_model(model: Transformer):
   return m, torch
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--batches", default="1,8")
-  p.add_argument("--new", type=int, default=64)
-  p.add_argument("--prompt", type=int, default=32)
-  p.add_argument("--rounds", type=int, default=3)
-  args = p.parse_args(argv)
-  model = Transformer(SHAPE, rngs=nnx.Rngs(params=0))
+def measure_shape(name: str, cfg: ModelConfig, args, rng) -> dict:
+  model = Transformer(cfg, rngs=nnx.Rngs(params=0))
   hf, torch = hf_model(model)
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  rng = np.random.default_rng(0)
-  out = {"shape": "default", "new_tokens": args.new, "prompt_tokens": args.prompt,
-         "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-                     "jax_backend": jax.default_backend(), "torch": torch.__version__,
-                     "torch_threads": torch.get_num_threads()},
-         "runs": []}
   opts = SamplingOptions(temperature=0.0, stop_ids=())
+  per_token = bytes_per_token(model)
+  out = {"shape": name, "params": int(sum(x.size for x in jax.tree.leaves(
+      nnx.state(model, nnx.Param)))), "weight_bytes_per_token": per_token, "runs": []}
   for b in [int(x) for x in args.batches.split(",")]:
-    prompts = rng.integers(4, SHAPE.vocab_size, (b, args.prompt)).tolist()
-    t0 = time.perf_counter()
-    first = decode(model, prompts, args.new, opts)
-    compile_s = time.perf_counter() - t0
+    prompts = rng.integers(4, cfg.vocab_size, (b, args.prompt)).tolist()
+    compile_s = _timed(lambda: decode(model, prompts, args.new, opts))
     ids = torch.tensor(prompts)
+    res, hres = {}, {}
 
     def run_lmx():
-      t = time.perf_counter()
-      res = decode(model, prompts, args.new, opts)
-      return time.perf_counter() - t, res
+      res["r"] = decode(model, prompts, args.new, opts)
 
     def run_hf():
-      t = time.perf_counter()
       with torch.no_grad():
-        res = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                          min_new_tokens=args.new, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
-      return time.perf_counter() - t, res
+        hres["r"] = hf.generate(ids, attention_mask=torch.ones_like(ids),
+                                max_new_tokens=args.new, min_new_tokens=args.new,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
 
     run_hf()  # warm-up
     lt, ht = [], []
     for _ in range(args.rounds):
-      s, res = run_lmx()
-      lt.append(s)
-      s, hres = run_hf()
-      ht.append(s)
-    agree = float(np.mean([a == bb for a, bb in zip(
-        np.asarray(res.tokens).ravel(), hres[:, args.prompt:].numpy().ravel())]))
+      lt.append(_timed(run_lmx))
+      ht.append(_timed(run_hf))
+    agree = float(np.mean(np.asarray(res["r"].tokens).ravel() ==
+                          hres["r"][:, args.prompt:].numpy().ravel()))
     l_s, h_s = statistics.median(lt), statistics.median(ht)
-    cache_bytes = 2 * SHAPE.n_layers * b * (args.prompt + args.new) * SHAPE.kv_heads * \
-        SHAPE.dim_per_head * 4
-    out["runs"].append({
-        "batch": b, "lmx_tokens_per_s": b * args.new / l_s, "hf_tokens_per_s": b * args.new / h_s,
-        "lmx_speedup_vs_hf": h_s / l_s, "lmx_first_call_s": compile_s,
-        "lmx_steps": first.steps, "greedy_token_agreement": agree,
-        "lmx_bytes_per_s_read": (weight_bytes + cache_bytes) * args.new / l_s})
+    out["runs"].append({"batch": b, "lmx_tokens_per_s": b * args.new / l_s,
+                        "hf_tokens_per_s": b * args.new / h_s, "lmx_speedup_vs_hf": h_s / l_s,
+                        "lmx_first_call_s": compile_s, "greedy_token_agreement": agree})
+  one = rng.integers(4, cfg.vocab_size, (1, args.prompt)).tolist()
+  fp32_tps = next(r for r in out["runs"] if r["batch"] == 1)["lmx_tokens_per_s"] \
+      if any(r["batch"] == 1 for r in out["runs"]) else None
+  from lmx.quant.apply import quantize_model
+  sizes = quantize_model(model, "int8")
+  decode(model, one, args.new, opts)  # compile
+  q_s = statistics.median(_timed(lambda: decode(model, one, args.new, opts))
+                          for _ in range(args.rounds))
+  out["int8_batch1_tokens_per_s"] = args.new / q_s
+  out["int8_projection_bytes_ratio"] = sizes["bytes_after"] / sizes["bytes_before"]
+  if fp32_tps:
+    out["int8_vs_fp32_batch1"] = out["int8_batch1_tokens_per_s"] / fp32_tps
+    out["fp32_batch1_bytes_per_s"] = per_token * fp32_tps
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--shapes", default="default,b58")
+  p.add_argument("--batches", default="1,8")
+  p.add_argument("--new", type=int, default=128)
+  p.add_argument("--prompt", type=int, default=32)
+  p.add_argument("--rounds", type=int, default=3)
+  args = p.parse_args(argv)
+  import torch
+  bw = read_bandwidth()
+  out = {"new_tokens": args.new, "prompt_tokens": args.prompt, "read_bytes_per_s": bw,
+         "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
+                     "jax_backend": jax.default_backend(), "torch": torch.__version__,
+                     "torch_threads": torch.get_num_threads()},
+         "shapes": []}
+  rng = np.random.default_rng(0)
+  for name in args.shapes.split(","):
+    r = measure_shape(name, SHAPES[name], args, rng)
+    if "fp32_batch1_bytes_per_s" in r:
+      r["bandwidth_fraction_batch1_fp32"] = r["fp32_batch1_bytes_per_s"] / bw
+    out["shapes"].append(r)
   print(json.dumps(out))
   return 0
 
