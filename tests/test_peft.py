@@ -186,6 +186,7 @@ def test_merge_lora_is_exact_and_removes_the_adapters():
   np.testing.assert_allclose(logits(as_base(m), toks, ""), adapted, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # compiles models: kept out of the 90 s fast set
 def test_qlora_stores_nf4_and_merges_to_its_own_output():
   toks = tokens(0)
   base = model().layers.block
@@ -209,6 +210,7 @@ def test_qlora_stores_nf4_and_merges_to_its_own_output():
   np.testing.assert_allclose(logits(as_base(m), toks, ""), adapted, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # compiles models: kept out of the 90 s fast set
 def test_lora_projection_against_numpy():
   """y = x W + (alpha / r) (x A) B for a one-input-axis (wq) and a two-input-axis (wo)
   projection, on layer 1 of the stack (the layer axis is sliced, not mixed)."""

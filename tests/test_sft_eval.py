@@ -95,6 +95,7 @@ def test_prompt_ids_are_the_encode_conversation_prefix(tok):
     sft_eval.prompt_ids(tok, [{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.slow  # compiles models: kept out of the 90 s fast set
 def test_greedy_decode_equals_the_full_forward_argmax(model, tok):
   # Three lengths in batches of 2: rows of different lengths share a batch, and the last
   # batch is padded with a copy. (test_generate.py ties generate() to the same reference.)

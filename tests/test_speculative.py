@@ -77,6 +77,7 @@ def target():
   return make_model(CFG, seed=0)
 
 
+@pytest.mark.slow  # compiles models: kept out of the 90 s fast set
 def test_greedy_equals_target_alone_for_any_draft(target):
   ref = decode(target, PROMPT, MAX_NEW, GREEDY)
   other = make_model(CFG, seed=1)  # a different random model: little agreement
