@@ -127,6 +127,7 @@ def test_int8_kv_cache_decode_matches_float_cache():
   assert int(c8.index) == 8
 
 
+@pytest.mark.slow  # builds models: kept out of the 90 s fast set
 def test_invalid_settings_fail_with_one_sentence():
   with pytest.raises(ConfigError, match=r"`model.quant` is 'int3'; it must be one of"):
     dataclasses.replace(TINY, quant="int3").validate()
