@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmx.infer.engine import pad_prompts
+from lmx.infer.engine import check_prompts, pad_prompts
 from lmx.model.transformer import KVCache, Transformer
 
 
@@ -172,19 +172,9 @@ def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
   Semantics of early_stopping and the pool: the module docstring.
   """
   vocab = model.cfg.vocab_size
-  prompts = [list(map(int, q)) for q in prompts]
   n_best = beams if n_best is None else n_best
   stop_ids = tuple(dict.fromkeys(int(t) for t in stop_ids))
-  if not prompts or any(len(q) == 0 for q in prompts):
-    raise ValueError("beam_search: needs at least one prompt, and every prompt needs >= 1 "
-                     "token.")
-  flat = [t for q in prompts for t in q]
-  if min(flat) < 0 or max(flat) >= vocab:
-    raise ValueError(f"beam_search: prompt token ids must be in [0, {vocab}); got values in "
-                     f"[{min(flat)}, {max(flat)}].")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"beam_search: max_new_tokens is {max_new_tokens!r}; it must be an "
-                     "int >= 1.")
+  prompts = check_prompts("beam_search", prompts, vocab, max_new_tokens)
   if not 1 <= n_best <= beams or beams + len(stop_ids) > vocab:
     raise ValueError(f"beam_search: needs 1 <= n_best ({n_best}) <= beams ({beams}) and "
                      f"beams + len(stop_ids) <= vocab_size ({vocab}).")

@@ -246,6 +246,22 @@ def _columns(out, logprobs, lo, *, width: int):
           jax.lax.dynamic_slice_in_dim(logprobs, lo, width, axis=1))
 
 
+def check_prompts(who: str, prompts: Sequence[Sequence[int]], vocab: int,
+                  max_new_tokens) -> list[list[int]]:
+  """The prompts as int lists, or one sentence (prefixed `who:`) naming what is wrong:
+  none or an empty one, an id outside [0, vocab), max_new_tokens not an int >= 1."""
+  prompts = [list(map(int, q)) for q in prompts]
+  if not prompts or any(len(q) == 0 for q in prompts):
+    raise ValueError(f"{who}: needs at least one prompt, and every prompt needs >= 1 token.")
+  flat = [t for q in prompts for t in q]
+  if min(flat) < 0 or max(flat) >= vocab:
+    raise ValueError(f"{who}: prompt token ids must be in [0, {vocab}) (model.vocab_size); "
+                     f"got values in [{min(flat)}, {max(flat)}].")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"{who}: max_new_tokens is {max_new_tokens!r}; it must be an int >= 1.")
+  return prompts
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 1,
                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-pad prompts with id 0 to P = max length rounded up to `bucket` (but not past
@@ -266,15 +282,7 @@ def _begin(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
   """Validate, pad and prefill -> (graphdef, state, static options, fixed, carry at step 1);
   nothing is synced to the host."""
   vocab = model.cfg.vocab_size
-  prompts = [list(map(int, q)) for q in prompts]
-  if not prompts or any(len(q) == 0 for q in prompts):
-    raise ValueError("engine: needs at least one prompt, and every prompt needs >= 1 token.")
-  flat = [t for q in prompts for t in q]
-  if min(flat) < 0 or max(flat) >= vocab:
-    raise ValueError(f"engine: prompt token ids must be in [0, {vocab}) (model.vocab_size); "
-                     f"got values in [{min(flat)}, {max(flat)}].")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"engine: max_new_tokens is {max_new_tokens!r}; it must be an int >= 1.")
+  prompts = check_prompts("engine", prompts, vocab, max_new_tokens)
   options.validate(vocab)
   longest = max(len(q) for q in prompts)
   limit = None

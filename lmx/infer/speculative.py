@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmx.infer.engine import SamplingOptions, pad_prompts, sampling_logits
+from lmx.infer.engine import SamplingOptions, check_prompts, pad_prompts, sampling_logits
 from lmx.model.transformer import KVCache, Transformer
 
 
@@ -247,16 +247,7 @@ def _spec_decode(graphdef, state, draft_graphdef, draft_state, tokens, start, ke
 def _run(target: Transformer, draft: Transformer | None, prompts, max_new_tokens: int,
          options: SamplingOptions, k: int, ngram: int, prompt_bucket: int) -> SpecResult:
   vocab = target.cfg.vocab_size
-  prompts = [list(map(int, q)) for q in prompts]
-  if not prompts or any(len(q) == 0 for q in prompts):
-    raise ValueError("speculative: needs at least one prompt, and every prompt needs >= 1 "
-                     "token.")
-  flat = [t for q in prompts for t in q]
-  if min(flat) < 0 or max(flat) >= vocab:
-    raise ValueError(f"speculative: prompt token ids must be in [0, {vocab}); got values in "
-                     f"[{min(flat)}, {max(flat)}].")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"speculative: max_new_tokens is {max_new_tokens!r}; it must be >= 1.")
+  prompts = check_prompts("speculative", prompts, vocab, max_new_tokens)
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"speculative: k is {k!r}; it must be an int >= 1.")
   if not isinstance(ngram, int) or ngram < 1:
