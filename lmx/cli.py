@@ -4,6 +4,8 @@
     lmx generate  --config=... [--prompt TEXT] [--checkpoint DIR]
     lmx evaluate  --config=...
     lmx info      --config=...
+    lmx convert   --from_hf DIR --to RUN_DIR | --from RUN_DIR --to_hf DIR
+    lmx serve     --config=... [--port N]
     lmx data ...  / lmx tokenizer ... / lmx sweep ... / lmx scaling ...
 """
 
@@ -21,7 +23,9 @@ COMMANDS = {
     "train": ("lmx.train.loop:cli_main", "train a model from an experiment config"),
     "generate": ("lmx.infer.generate:cli_main", "sample a continuation from a checkpoint"),
     "evaluate": ("lmx.eval.perplexity:cli_main", "validation loss / perplexity of a checkpoint"),
-    "info": ("lmx.info:cli_main", "parameter, FLOP and memory accounting as one JSON line"),
+    "convert": ("lmx.interop.convert:cli_main", "Hugging Face checkpoints in (--from_hf) and out (--to_hf)"),
+  "serve": ("lmx.serve.server:cli_main", "OpenAI-compatible HTTP server for a checkpoint"),
+  "info": ("lmx.info:cli_main", "parameter, FLOP and memory accounting as one JSON line"),
     "data": ("lmx.data.prepare:cli_main", "clean, deduplicate and tokenize a corpus"),
     "tokenizer": ("lmx.data.tokenizer:cli_main", "train / encode / decode SentencePiece"),
     "sweep": ("lmx.scaling.sweep:cli_main", "plan and run IsoFLOP sweeps"),

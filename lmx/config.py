@@ -43,6 +43,43 @@ def _nonneg_float(field: str, value: Any) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-Experts MLPs (lmx/model/moe.py); `num_experts=0` keeps every MLP dense."""
+
+  num_experts: int = 0
+  top_k: int = 2  # experts each token is routed to
+  # 0: dropless dispatch (tokens sorted by expert, grouped matmul); > 0: each expert takes at
+  # most capacity_factor * tokens * top_k / num_experts tokens, the rest are dropped (counted).
+  capacity_factor: float = 0.0
+  shared_experts: int = 0  # always-on experts added to the routed output (DeepSeek style)
+  every_n_layers: int = 1  # 1: every layer is MoE; n: layers n-1, 2n-1, ... are MoE, others dense
+  router: str = "softmax"  # softmax (top-k of a softmax) | sigmoid (bias-balanced, aux-loss-free)
+  router_z_loss: float = 1e-3  # coefficient of the router z-loss (ST-MoE)
+  aux_loss_coef: float = 1e-2  # coefficient of the switch-transformer load-balancing loss
+  d_ff: int = 0  # hidden size of one expert; 0 means model.ff_dim
+
+  def validate(self) -> "MoEConfig":
+    for f in ("num_experts", "shared_experts", "d_ff"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        _fail(f"model.moe.{f}", f"is {v!r}; it must be an integer >= 0")
+    if not self.num_experts:
+      return self
+    _positive("model.moe.top_k", self.top_k)
+    if self.top_k > self.num_experts:
+      _fail("model.moe.top_k", f"is {self.top_k}; it must be <= model.moe.num_experts="
+            f"{self.num_experts}")
+    _positive("model.moe.every_n_layers", self.every_n_layers)
+    if not isinstance(self.capacity_factor, (int, float)) or self.capacity_factor < 0:
+      _fail("model.moe.capacity_factor", f"is {self.capacity_factor!r}; it must be > 0 "
+            "(capacity-based dispatch) or 0 (dropless)")
+    _choice("model.moe.router", self.router, ("softmax", "sigmoid"))
+    _nonneg_float("model.moe.router_z_loss", self.router_z_loss)
+    _nonneg_float("model.moe.aux_loss_coef", self.aux_loss_coef)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and switches of a decoder-only Transformer. Layers see only this."""
 
@@ -59,6 +96,16 @@ class ModelConfig:
   norm_position: str = "pre"  # pre | post
   position: str = "rope"  # rope | learned | sinusoidal
   rope_theta: float = 10000.0
+  # '' (plain RoPE) | 'llama3': Llama 3.1's frequency-dependent scaling, with the four
+  # numbers of HF's `rope_scaling` dict (factor, low/high_freq_factor, original max length).
+  rope_scaling: str = ""
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  # 0: full causal attention; w > 0: each query sees itself and the w-1 keys before it
+  # (Mistral's sliding window, HF `sliding_window`).
+  sliding_window: int = 0
   max_seq_len: int = 256
   use_bias: bool = False  # biases on projections; LayerNorm gets a bias iff this is set.
   tie_embeddings: bool = True
@@ -78,6 +125,11 @@ class ModelConfig:
   quant: str = ""
   quant_group: int = 64  # int4/nf4: weights per scale along the contraction axis
   kv_cache_dtype: str = ""  # '' keeps the KV cache in the compute dtype; 'int8' quantizes it
+  moe: MoEConfig = MoEConfig()  # `model.moe.*` in experiments
+
+  def __post_init__(self):
+    if isinstance(self.moe, dict):  # ModelConfig(**asdict(cfg)) and ConfigDict round trips
+      object.__setattr__(self, "moe", _section_from_dict("model.moe", MoEConfig, self.moe))
 
   # Derived sizes -- use these, never the raw 0 sentinels.
   @property
@@ -128,6 +180,21 @@ class ModelConfig:
       _fail("model.rope_theta", f"is {self.rope_theta!r}; it must be > 0")
     if self.norm_eps <= 0:
       _fail("model.norm_eps", f"is {self.norm_eps!r}; it must be > 0")
+    _choice("model.rope_scaling", self.rope_scaling, ("", "llama3"))
+    if self.rope_scaling:
+      for f in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        if not getattr(self, f) > 0:
+          _fail(f"model.{f}", f"is {getattr(self, f)!r}; it must be > 0")
+      _positive("model.rope_original_max_len", self.rope_original_max_len)
+    if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+      _fail("model.sliding_window", f"is {self.sliding_window!r}; it must be an integer >= 0 "
+            "(0 = full causal attention)")
+    if not isinstance(self.moe, MoEConfig):
+      _fail("model.moe", f"is {self.moe!r}; it must be a section of MoE settings")
+    self.moe.validate()
+    if self.moe.num_experts and self.n_layers % self.moe.every_n_layers:
+      _fail("model.moe.every_n_layers", f"is {self.moe.every_n_layers}; it must divide "
+            f"model.n_layers={self.n_layers}")
     _choice("model.quant", self.quant, ("", "int8", "int4", "nf4"))
     _choice("model.kv_cache_dtype", self.kv_cache_dtype, ("", "int8"))
     if self.quant in ("int4", "nf4"):
@@ -448,6 +515,14 @@ def _section_from_dict(name: str, cls: type, values: dict[str, Any]):
   out = {}
   for k, v in values.items():
     t = hints[k]
+    if dataclasses.is_dataclass(t) and isinstance(t, type):  # a nested section (model.moe)
+      if isinstance(v, t):
+        out[k] = v
+        continue
+      if not isinstance(v, dict):
+        _fail(f"{name}.{k}", f"is {v!r}; it must be a section of settings")
+      out[k] = _section_from_dict(f"{name}.{k}", t, v)
+      continue
     if t is float and isinstance(v, int) and not isinstance(v, bool):
       v = float(v)
     if t is int and isinstance(v, float) and v.is_integer():
