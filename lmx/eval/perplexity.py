@@ -1,9 +1,10 @@
 """Validation loss, perplexity, and the unigram baseline they should beat.
 
 Perplexity = exp(mean next-token cross entropy in nats) over the masked-in validation
-targets. The unigram baseline predicts every token with its add-one-smoothed frequency in the
-training tokens, p(v) = (count(v) + 1) / (N + V), ignoring context; a language model that does
-not beat it has learned nothing beyond token frequencies.
+targets; bits per byte = total nats / (UTF-8 bytes of those targets * ln 2), comparable
+across tokenizers. The unigram baseline predicts every token with its add-one-smoothed
+frequency in the training tokens, p(v) = (count(v) + 1) / (N + V), ignoring context; a
+language model that does not beat it has learned nothing beyond token frequencies.
 """
 
 from __future__ import annotations
@@ -61,63 +62,71 @@ def validation_loss(eval_fn: Callable, params: Any, batches: Iterable[dict],
   return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": n}
 
 
-def cli_main(argv: list[str]) -> int:
-  """`lmx evaluate --config=...`: restore the best (else latest) checkpoint of run_dir and
-  print validation loss, perplexity and the unigram baseline as one JSON line."""
-  import argparse
+def token_byte_lengths(tok, vocab_size: int) -> np.ndarray:
+  """(vocab_size,) int64 UTF-8 bytes each id decodes to: 1 for a byte-fallback piece
+  `<0xXX>`, 0 for pad/unk/bos/eos and ids past the tokenizer, else len(decode([id])).
 
+  With lmx's lossless SentencePiece (no dummy prefix) the sum over `encode(text)` is
+  exactly the bytes of `text`, so bits per byte needs no decoding of packed rows (which cut
+  documents, and byte-fallback sequences, anywhere).
+  """
+  n = min(vocab_size, tok.vocab_size)
+  out = np.zeros(vocab_size, np.int64)
+  piece = getattr(tok, "id_to_piece", None)
+  specials = {getattr(tok, k, None) for k in ("pad_id", "unk_id", "bos_id", "eos_id")}
+  for i in range(n):
+    if i in specials:
+      continue
+    p = piece(i) if piece is not None else ""
+    out[i] = 1 if (len(p) == 6 and p.startswith("<0x") and p.endswith(">")) else \
+        len(tok.decode([i]).encode("utf-8", "surrogatepass"))
+  return out
+
+
+def perplexity_results(exp, tok, model, mesh, max_batches: int | None = None) -> dict[str, Any]:
+  """Validation loss / perplexity / bits per byte of `model` on the experiment's validation
+  split (all of it, or its first `max_batches` batches), plus the unigram baseline for text
+  data. Call inside `use_mesh(mesh, ...)`, with `model` built there."""
   import jax
   from flax import nnx
 
   from lmx.data.pipeline import make_dataset
-  from lmx.data.tokenizer import load_or_train_tokenizer
-  from lmx.experiment import load_experiment, split_config_args
-  from lmx.model import Transformer
-  from lmx.parallel.mesh import make_mesh, make_rules, state_shardings, use_mesh
-  from lmx.train.checkpoint import restore_params
+  from lmx.eval.metrics import bits_per_byte
+  from lmx.parallel.mesh import state_shardings
   from lmx.train.step import jit_eval_step, make_eval_step, put_batch
 
-  _, rest = split_config_args(argv)
-  parser = argparse.ArgumentParser(prog="lmx evaluate")
-  parser.add_argument("--checkpoint", default=None, help="run directory (default: run_dir)")
-  parser.add_argument("--batches", type=int, default=0,
-                      help="validation batches to use (default 0: the whole split)")
-  args = parser.parse_args(rest)
-  exp, _ = load_experiment(argv)
-  mesh = make_mesh(exp.mesh)
-  tok = load_or_train_tokenizer(exp)
-  with use_mesh(mesh, make_rules(exp.mesh)):
-    model = Transformer(exp.model, rngs=nnx.Rngs(params=exp.seed))
-    src = restore_params(exp, model, args.checkpoint)
-    if exp.model.quant:  # weight-only quantization for inference (lmx.quant.apply)
-      from lmx.quant.apply import quantize_model, report_bytes
-      report_bytes("lmx evaluate", exp.model.quant,
-                   quantize_model(model, exp.model.quant, exp.model.quant_group))
-    graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    # The model was built on one device; lay the restored params out on the mesh.
-    leaves, treedef = jax.tree.flatten(params)
-    params = treedef.unflatten([jax.device_put(x, s) for x, s in
-                                zip(leaves, jax.tree.leaves(state_shardings(params, mesh)))])
-    eval_fn = jit_eval_step(make_eval_step(graphdef, other, exp.train.loss_chunk_tokens), params,
-                            mesh)
-    n = args.batches or None
-    if exp.data.format == "sft":  # the held-out conversations, as the train loop splits them
-      from lmx.train.sources import make_sources
-      val = make_sources(exp, tok, 0, 1, n).validation
-    else:
-      val = list(itertools.islice(iter(make_dataset(exp, tok, "validation")), n))
-    out = validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val)
-  if exp.data.format == "sft":
-    out.update(checkpoint=src["source"], step=src["step"])
-    print(json.dumps(out))
-    return 0
-  train_counts = count_targets(iter(make_dataset(exp, tok, "train")), exp.model.vocab_size,
-                               max_batches=UNIGRAM_TRAIN_BATCHES)
-  valid = np.concatenate([masked_targets(b) for b in val])
-  out["unigram_ppl"] = unigram_perplexity(train_counts, valid, exp.model.vocab_size)
-  out.update(checkpoint=src["source"], step=src["step"])
-  print(json.dumps(out))
-  return 0
+  graphdef, params, other = nnx.split(model, nnx.Param, ...)
+  # The model was built on one device; lay the params out on the mesh.
+  leaves, treedef = jax.tree.flatten(params)
+  params = treedef.unflatten([jax.device_put(x, s) for x, s in
+                              zip(leaves, jax.tree.leaves(state_shardings(params, mesh)))])
+  eval_fn = jit_eval_step(make_eval_step(graphdef, other, exp.train.loss_chunk_tokens), params,
+                          mesh)
+  if exp.data.format == "sft":  # the held-out conversations, as the train loop splits them
+    from lmx.train.sources import make_sources
+    val = make_sources(exp, tok, 0, 1, max_batches).validation
+  else:
+    val = list(itertools.islice(iter(make_dataset(exp, tok, "validation")), max_batches))
+  out = validation_loss(lambda p, b: eval_fn(p, put_batch(b, mesh)), params, val)
+  # Bits per byte: total nats over the bytes the scored targets decode to.
+  table = token_byte_lengths(tok, exp.model.vocab_size)
+  n_bytes = int(sum(table[masked_targets(b)].sum() for b in val if "targets" in b))
+  out["val_bytes"] = n_bytes
+  if n_bytes:
+    out["val_bpb"] = bits_per_byte(out["val_loss"] * out["val_tokens"], n_bytes)
+  if exp.data.format != "sft":
+    train_counts = count_targets(iter(make_dataset(exp, tok, "train")), exp.model.vocab_size,
+                                 max_batches=UNIGRAM_TRAIN_BATCHES)
+    valid = np.concatenate([masked_targets(b) for b in val])
+    out["unigram_ppl"] = unigram_perplexity(train_counts, valid, exp.model.vocab_size)
+  return out
+
+
+def cli_main(argv: list[str]) -> int:
+  """`lmx evaluate --config=...` with only the `ppl` task: validation loss, perplexity, bits
+  per byte and the unigram baseline as one JSON line (lmx.eval.harness does the rest)."""
+  from lmx.eval.harness import cli_main as harness_main
+  return harness_main(list(argv))
 
 
 # Train batches whose targets give the unigram counts (the first ones of the train stream).

@@ -10,6 +10,7 @@ against the reference turn:
     token_f1     SQuAD-style F1 over the multisets of tokens `\\w+|[^\\w\\s]` -- words and
                  single punctuation marks, case kept, punctuation kept: in `def f(a, *b):`
                  the `(`, `,`, `*` and `:` are part of the answer, not noise to strip
+(both from lmx.eval.metrics, shared with `lmx evaluate`'s generation tasks)
 
     python -m lmx.eval.sft_eval --config=experiments/sft_lora.py --base --limit 60
     python -m lmx.eval.sft_eval --config=experiments/sft_lora.py   # the fine-tuned run
@@ -17,10 +18,8 @@ against the reference turn:
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
-import re
 import sys
 import time
 from typing import Any, Sequence
@@ -31,26 +30,8 @@ import numpy as np
 from flax import nnx
 
 from lmx.data import sft
+from lmx.eval.metrics import exact_match, token_f1  # noqa: F401 (re-exported)
 from lmx.model.transformer import KVCache
-
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-
-
-def exact_match(pred: str, ref: str) -> bool:
-  return pred.strip() == ref.strip()
-
-
-def token_f1(pred: str, ref: str) -> float:
-  """Harmonic mean of token precision and recall over multisets (see module docstring).
-  Two empty strings agree (1.0); one empty string scores 0.0."""
-  p, r = _TOKEN_RE.findall(pred), _TOKEN_RE.findall(ref)
-  if not p or not r:
-    return float(p == r)
-  same = sum((collections.Counter(p) & collections.Counter(r)).values())
-  if not same:
-    return 0.0
-  precision, recall = same / len(p), same / len(r)
-  return 2 * precision * recall / (precision + recall)
 
 
 def _last_assistant(messages: Sequence[dict[str, str]]) -> int:
