@@ -22,7 +22,7 @@ from lmx.runtime import keep_host_memory
 COMMANDS = {
     "train": ("lmx.train.loop:cli_main", "train a model from an experiment config"),
     "generate": ("lmx.infer.generate:cli_main", "sample a continuation from a checkpoint"),
-    "evaluate": ("lmx.eval.perplexity:cli_main", "validation loss / perplexity of a checkpoint"),
+    "evaluate": ("lmx.eval.harness:cli_main", "perplexity, bits/byte, multiple-choice and generation tasks"),
     "convert": ("lmx.interop.convert:cli_main", "Hugging Face checkpoints in (--from_hf) and out (--to_hf)"),
   "serve": ("lmx.serve.server:cli_main", "OpenAI-compatible HTTP server for a checkpoint"),
   "info": ("lmx.info:cli_main", "parameter, FLOP and memory accounting as one JSON line"),
