@@ -240,7 +240,11 @@ def load_or_train_tokenizer(exp, *, base: bool = False) -> Tokenizer:
     tok = load_or_train_tokenizer(inner)
     return tok if base else add_chat_tokens(tok)
   d = exp.data
-  if d.tokenizer_path:
+  if d.tokenizer_path and (os.path.isdir(d.tokenizer_path) or d.tokenizer_path.endswith(".json")):
+    # A Hugging Face model directory or tokenizer.json (`lmx convert --from_hf` points here).
+    from lmx.interop.hf_tokenizer import load_tokenizer
+    tok = load_tokenizer(d.tokenizer_path)
+  elif d.tokenizer_path:
     tok = Tokenizer.load(d.tokenizer_path)
   else:
     path = pathlib.Path(d.cache_dir, "tokenizers",

@@ -1,4 +1,8 @@
-"""Hugging Face weights in and out: LLaMA-family and GPT-2 checkpoints <-> lmx parameters.
+"""Hugging Face checkpoints in and out: LLaMA-family, Mistral and GPT-2 <-> lmx models.
+
+    model, cfg = from_pretrained("path/to/hf_dir")          # config.json + safetensors
+    to_pretrained(model, cfg, "out_dir", dtype="bfloat16")  # transformers loads this
+    tok = load_tokenizer("path/to/hf_dir")                  # tokenizer.model or .json
 
 Weights travel as `{name: numpy array}` dicts in Hugging Face naming, read from and written
 to `.safetensors` files with the `safetensors` library. Layout differences:
@@ -14,21 +18,32 @@ to `.safetensors` files with the `safetensors` library. Layout differences:
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from lmx.config import ModelConfig
+from lmx.interop import safetensors_io
+from lmx.interop.hf_config import UnsupportedModel, arch_of, hf_config, model_config
+from lmx.interop.hf_tokenizer import load_tokenizer  # noqa: F401  (re-exported)
+from lmx.interop.safetensors_io import TensorError
+
+__all__ = ["from_pretrained", "to_pretrained", "load_tokenizer", "TensorError",
+           "UnsupportedModel"]
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-  return load_file(path)
+  """{name: array} of one .safetensors file (float32 / float16 / bfloat16 kept as stored)."""
+  return safetensors_io.read_file(path)
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
-  from safetensors.numpy import save_file
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+  safetensors_io.write_file(tensors, path)
 
 
 def _strip(sd: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -119,9 +134,165 @@ def gpt2_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
         "attn_norm": {"scale": sd[p + "ln_1.weight"], "bias": sd[p + "ln_1.bias"]},
         "mlp_norm": {"scale": sd[p + "ln_2.weight"], "bias": sd[p + "ln_2.bias"]},
     })
-  return {"embed": sd["wte.weight"], "pos_embed": {"table": sd["wpe.weight"]},
+  tree = {"embed": sd["wte.weight"], "pos_embed": {"table": sd["wpe.weight"]},
           "layers": _stack_layers(blocks),
           "final_norm": {"scale": sd["ln_f.weight"], "bias": sd["ln_f.bias"]}}
+  if not cfg.tie_embeddings:
+    tree["lm_head"] = sd["lm_head.weight"].T
+  return tree
+
+
+def gpt2_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """lmx parameter tree (GPT-2-style config) -> HF GPT2LMHeadModel state dict."""
+  d, h, hd = cfg.d_model, cfg.n_heads, cfg.dim_per_head
+  out = {"transformer.wte.weight": tree["embed"],
+         "transformer.wpe.weight": tree["pos_embed"]["table"],
+         "transformer.ln_f.weight": tree["final_norm"]["scale"],
+         "transformer.ln_f.bias": tree["final_norm"]["bias"]}
+  for i in range(cfg.n_layers):
+    b, p = _layer(tree, i), f"transformer.h.{i}."
+    a, m = b["attn"], b["mlp"]
+    out[p + "attn.c_attn.weight"] = np.concatenate(
+        [np.asarray(a[w]).reshape(d, h * hd) for w in ("wq", "wk", "wv")], axis=1)  # (D, 3D)
+    out[p + "attn.c_attn.bias"] = np.concatenate(
+        [np.asarray(a[w]).reshape(h * hd) for w in ("bq", "bk", "bv")])
+    out[p + "attn.c_proj.weight"] = a["wo"].reshape(h * hd, d)
+    out[p + "attn.c_proj.bias"] = a["bo"]
+    out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = m["w_up"], m["b_up"]
+    out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = m["w_down"], m["b_down"]
+    out[p + "ln_1.weight"], out[p + "ln_1.bias"] = b["attn_norm"]["scale"], b["attn_norm"]["bias"]
+    out[p + "ln_2.weight"], out[p + "ln_2.bias"] = b["mlp_norm"]["scale"], b["mlp_norm"]["bias"]
+  out["lm_head.weight"] = tree["embed"] if cfg.tie_embeddings else tree["lm_head"].T
+  return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def expected_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
+  """Every tensor (HF name -> shape) a checkpoint of `arch` with config `cfg` holds."""
+  v, d, f, n_l = cfg.vocab_size, cfg.d_model, cfg.ff_dim, cfg.n_layers
+  if arch == "gpt2":
+    out = {"transformer.wte.weight": (v, d), "transformer.wpe.weight": (cfg.max_seq_len, d),
+           "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
+    per = {"attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
+           "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,), "mlp.c_fc.weight": (d, f),
+           "mlp.c_fc.bias": (f,), "mlp.c_proj.weight": (f, d), "mlp.c_proj.bias": (d,),
+           "ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,)}
+    prefix = "transformer.h."
+  else:
+    qd, kd = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    per = {"self_attn.q_proj.weight": (qd, d), "self_attn.k_proj.weight": (kd, d),
+           "self_attn.v_proj.weight": (kd, d), "self_attn.o_proj.weight": (d, qd),
+           "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+           "mlp.down_proj.weight": (d, f), "input_layernorm.weight": (d,),
+           "post_attention_layernorm.weight": (d,)}
+    prefix = "model.layers."
+  for i in range(n_l):
+    out.update({f"{prefix}{i}.{k}": s for k, s in per.items()})
+  if not cfg.tie_embeddings:
+    out["lm_head.weight"] = (v, d)
+  return out
+
+
+def _canonical(name: str, arch: str) -> str:
+  """Add the base-model prefix a headless save (GPT2Model, LlamaModel) leaves out."""
+  prefix = "transformer." if arch == "gpt2" else "model."
+  return name if name.startswith(prefix) or name == "lm_head.weight" else prefix + name
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+  """Buffers older transformers saved (RoPE inv_freq, GPT-2's causal-mask `attn.bias`) and a
+  tied head's copy of the embedding: present in some files, never weights of their own."""
+  return (name.endswith("rotary_emb.inv_freq") or name.endswith(".attn.masked_bias")
+          or (name.endswith(".attn.bias") and ".h." in name)
+          or (name == "lm_head.weight" and cfg.tie_embeddings))
+
+
+def check_tensors(sd: dict[str, np.ndarray], cfg: ModelConfig, arch: str,
+                  where: str = "checkpoint") -> dict[str, np.ndarray]:
+  """`sd` with canonical names, checked against `expected_shapes`: raises TensorError with a
+  sentence naming the first missing, unexpected, wrongly shaped or non-float tensor."""
+  want = expected_shapes(cfg, arch)
+  sd = {_canonical(k, arch): v for k, v in sd.items()}
+  sd = {k: v for k, v in sd.items() if k in want or not _ignorable(k, cfg)}
+  missing = [k for k in want if k not in sd]
+  if missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise TensorError(f"{where} is missing tensor {missing[0]!r}{more}, which config.json "
+                      f"implies for {arch} with {cfg.n_layers} layers.")
+  extra = [k for k in sd if k not in want]
+  if extra:
+    more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+    raise TensorError(f"{where} has tensor {extra[0]!r}{more}, which a {arch} model with this "
+                      "config.json does not have.")
+  for k, shape in want.items():
+    a = sd[k]
+    if tuple(a.shape) != shape:
+      raise TensorError(f"tensor {k!r} in {where} has shape {tuple(a.shape)}, but config.json "
+                        f"implies {shape}.")
+    if a.dtype not in safetensors_io.DTYPES.values():
+      raise TensorError(f"tensor {k!r} in {where} has dtype {a.dtype}; lmx reads float32, "
+                        "float16 or bfloat16 weights.")
+  return sd
+
+
+def from_pretrained(path: str | os.PathLike, *,
+                    dtype: str | None = None) -> tuple[nnx.Module, ModelConfig]:
+  """An lmx Transformer and its ModelConfig from a local Hugging Face model directory.
+
+  Reads config.json and model.safetensors (or the shards of model.safetensors.index.json);
+  tensors may be float32, float16 or bfloat16 and become lmx's float32 parameters.
+  `dtype`: the compute dtype (ModelConfig.dtype: 'float32', 'bfloat16', 'float16'); None
+  keeps float32 whatever the file's dtype. Raises UnsupportedModel for architectures lmx
+  cannot run exactly, TensorError naming the tensor for missing, unexpected, misshapen or
+  non-float weights, and refuses pickled (.bin) weights without opening them.
+  """
+  from lmx.model.transformer import Transformer
+  path = pathlib.Path(path)
+  if not (path / "config.json").exists():
+    raise FileNotFoundError(f"{path} has no config.json; from_pretrained needs a Hugging Face "
+                            "model directory (config.json + model.safetensors).")
+  cfg = model_config(json.loads((path / "config.json").read_text()),
+                     dtype="float32" if dtype is None else jnp.dtype(dtype).name)
+  arch = json.loads((path / "config.json").read_text())["model_type"]
+  sd = check_tensors(safetensors_io.read_dir(path), cfg, arch, where=str(path))
+  tree = gpt2_from_hf(sd, cfg) if arch == "gpt2" else llama_from_hf(sd, cfg)
+  # Abstract first: no random init of weights that are overwritten at once.
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  assign_params(model, tree)
+  return model, cfg
+
+
+def params_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """An lmx parameter tree -> the HF state dict of `arch_of(cfg)` (float32, tied head
+  omitted, as save_pretrained writes it)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  peft = [jax.tree_util.keystr(p) for p, _ in flat if "_peft" in jax.tree_util.keystr(p)]
+  if peft:
+    raise UnsupportedModel(f"the parameters hold PEFT modules ({peft[0]}); export the base "
+                           "model (merge LoRA into it first) -- Hugging Face has no place for them.")
+  sd = gpt2_to_hf(tree, cfg) if arch_of(cfg) == "gpt2" else llama_to_hf(tree, cfg)
+  if cfg.tie_embeddings:
+    sd.pop("lm_head.weight")
+  return sd
+
+
+def to_pretrained(model: nnx.Module | dict, cfg: ModelConfig, path: str | os.PathLike, *,
+                  dtype: str = "float32", max_shard_bytes: int = 0) -> list[str]:
+  """Write config.json + model.safetensors (sharded above `max_shard_bytes` if > 0) that
+  transformers' AutoModelForCausalLM.from_pretrained loads: LLaMA (Mistral when
+  model.sliding_window > 0) or GPT-2. `model`: a Transformer or its parameter tree.
+  `dtype`: the stored dtype, float32 | float16 | bfloat16. Returns the files written."""
+  names = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
+  if dtype not in names:
+    raise ValueError(f"to_pretrained: dtype is {dtype!r}; it must be one of {', '.join(names)}.")
+  tree = model if isinstance(model, dict) else nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  sd = {k: np.asarray(v, np.float32).astype(names[dtype])
+        for k, v in params_to_hf(tree, cfg).items()}
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  files = safetensors_io.write_dir(sd, path, max_shard_bytes)
+  (path / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype=dtype), indent=2))
+  return ["config.json"] + files
 
 
 def assign_params(model: nnx.Module, tree: dict) -> None:

@@ -7,6 +7,9 @@ n // (N/K). `ModelConfig.attention_impl` picks the kernel: `jax.nn.dot_product_a
 (with `implementation=None` a GPU backend may choose cuDNN's fused kernel) or
 `blocked_causal_attention`, which skips the masked upper triangle and is what 'auto' uses
 on CPU, where XLA has no fused attention (docs/benchmarks.md).
+`ModelConfig.sliding_window` w > 0 (Mistral) adds one more mask everywhere: query i reads
+key j only if i - j < w (in cache slots when decoding; a row's slots and positions differ
+by a constant, so the distance is the same). The KV cache still holds every slot.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from flax import nnx, struct
 
 from lmx.config import ModelConfig
 from lmx.model.layers import PEFT_SUFFIX, Projections, compute_dtype, normal, output_init_std, param, zeros
-from lmx.model.positions import apply_rope
+from lmx.model.positions import apply_rope, rope_inv_freq
 from lmx.parallel.mesh import constrain
 
 
@@ -80,6 +83,12 @@ def cache_mask(index: jax.Array, t: int, s_max: int,
   real = k_slot[None, :] >= kv_start[:, None]  # (B, S)
   own = k_slot[None, :] == q_slot[:, None]  # (t, S)
   return mask & (real[:, None, None, :] | own[None, None])  # (B, 1, t, S)
+
+
+def window_mask(q_slot: jax.Array, k_slot: jax.Array, window: int) -> jax.Array:
+  """Boolean (t, S): key slot s is within `window` of query slot q (q - s < window).
+  Causality is applied separately."""
+  return k_slot[None, :] > q_slot[:, None] - window
 
 
 def query_block(t: int) -> int:
@@ -172,8 +181,9 @@ class Attention(Projections):
     if self.bq is not None:
       q, k, v = q + self._w(self.bq), k + self._w(self.bk), v + self._w(self.bv)
     if self.cfg.position == "rope":
-      q = apply_rope(q, positions, self.cfg.rope_theta)
-      k = apply_rope(k, positions, self.cfg.rope_theta)
+      inv_freq = rope_inv_freq(self.cfg)  # None: plain RoPE
+      q = apply_rope(q, positions, self.cfg.rope_theta, inv_freq)
+      k = apply_rope(k, positions, self.cfg.rope_theta, inv_freq)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
     k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -192,10 +202,14 @@ class Attention(Projections):
     q, k, v = self._qkv(x, positions, key)
     shared = getattr(self, "shared_segments", False)  # set by prompt tuning (lmx.peft)
     mask = None if segment_ids is None else segment_mask(segment_ids, shared)
+    t = x.shape[1]
+    if self.cfg.sliding_window:  # (1, 1, T, T), ANDed with causality and the segments
+      idx = jnp.arange(t, dtype=jnp.int32)
+      window = window_mask(idx, idx, self.cfg.sliding_window)[None, None]
+      mask = window if mask is None else mask & window
     prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
     if prefix is not None:  # prefix tuning: P learned keys/values every query may read
       pk, pv = prefix(x.shape[0], k.dtype)  # (B, P, K, H)
-      t = x.shape[1]
       causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
       mask = causal if mask is None else mask & causal
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (pk.shape[1],), bool),
@@ -232,6 +246,10 @@ class Attention(Projections):
                             q.dtype)
       new = LayerCache(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
     mask = cache_mask(index, x.shape[1], cache.k.shape[1], kv_start)
+    if self.cfg.sliding_window:
+      q_slot = index + jnp.arange(x.shape[1], dtype=jnp.int32)  # (t,)
+      k_slot = jnp.arange(cache.k.shape[1], dtype=jnp.int32)  # (S,)
+      mask = mask & window_mask(q_slot, k_slot, self.cfg.sliding_window)[None, None]
     prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
     if prefix is not None:  # prefix tuning: the learned keys/values sit before the cache
       pk, pv = prefix(x.shape[0], k_all.dtype)

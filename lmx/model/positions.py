@@ -3,30 +3,70 @@
 RoPE (Su et al. 2021) rotates each (q, k) feature pair by an angle proportional to the
 token position, so q_m . k_n depends only on m - n. lmx pairs feature i with feature
 i + Dh/2 (the "rotate half" layout of GPT-NeoX / LLaMA checkpoints), not adjacent features.
+Llama 3.1's `rope_scaling` (ModelConfig.rope_scaling='llama3') stretches the low
+frequencies only: wavelengths above original_max_len / low_freq_factor are divided by
+`factor`, those below original_max_len / high_freq_factor are kept, and the band between
+is interpolated, so short-range position detail survives a longer context.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmx.config import ModelConfig
 from lmx.model.layers import normal, param
 
 
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> jax.Array:
-  """Rotation angles, float32 (B, T, Dh/2): position * theta^(-2i/Dh)."""
-  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # (Dh/2,)
+def llama3_inv_freq(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_len: int) -> np.ndarray:
+  """Llama 3.1 scaled inverse frequencies, float32 (Dh/2,), computed on the host in float64
+  (they depend on the config only)."""
+  inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  wavelen = 2 * math.pi / inv_freq
+  low_wavelen = original_max_len / low_freq_factor  # longer than this: divide by factor
+  high_wavelen = original_max_len / high_freq_factor  # shorter than this: keep
+  # Between the two: blend from 1/factor (at low_wavelen) to 1 (at high_wavelen).
+  smooth = ((original_max_len / wavelen - low_freq_factor)
+            / max(high_freq_factor - low_freq_factor, 1e-30))
+  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  out = np.where(wavelen > low_wavelen, inv_freq / factor,
+                 np.where(wavelen < high_wavelen, inv_freq, blended))
+  return out.astype(np.float32)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray | None:
+  """The config's scaled inverse frequencies, or None for plain RoPE (`rope_angles`)."""
+  if cfg.rope_scaling != "llama3":
+    return None
+  return llama3_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_factor,
+                         cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                         cfg.rope_original_max_len)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float,
+                inv_freq: np.ndarray | None = None) -> jax.Array:
+  """Rotation angles, float32 (B, T, Dh/2): position * theta^(-2i/Dh), or position *
+  `inv_freq` (Dh/2,) when given (scaled RoPE)."""
+  if inv_freq is None:
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # (Dh/2,)
+  else:
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
   return positions.astype(jnp.float32)[..., None] * inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotate queries or keys: x (B, T, N, Dh), positions int (B, T) -> (B, T, N, Dh)."""
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               inv_freq: np.ndarray | None = None) -> jax.Array:
+  """Rotate queries or keys: x (B, T, N, Dh), positions int (B, T) -> (B, T, N, Dh).
+  `inv_freq` (Dh/2,): scaled frequencies (`rope_inv_freq`) instead of theta's."""
   head_dim = x.shape[-1]
   if head_dim % 2:
     raise ValueError(f"apply_rope: head dimension {head_dim} must be even.")
-  angles = rope_angles(positions, head_dim, theta)[:, :, None, :]  # (B, T, 1, Dh/2)
+  angles = rope_angles(positions, head_dim, theta, inv_freq)[:, :, None, :]  # (B, T, 1, Dh/2)
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., :head_dim // 2], x32[..., head_dim // 2:]
