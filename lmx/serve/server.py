@@ -81,7 +81,8 @@ def create_app(model, tok, name: str, *, max_batch: int = 16, batch_wait_s: floa
 
   @app.get("/health")
   async def health():
-    return {"status": "ok", "model": name}
+    b = state.get("batcher")
+    return {"status": "ok", "model": name, "engine_calls": b.calls if b else 0}
 
   @app.get("/v1/models")
   async def models():
@@ -213,6 +214,8 @@ def _final_choice(ch: Choice, i: int, chat: bool, logprobs: bool) -> dict:
 def cli_main(argv: Sequence[str]) -> int:
   """`lmx serve --config=EXP [--checkpoint DIR] [--host 127.0.0.1] [--port 8000]
   [--max_batch 16] [--batch_wait_ms 10] [--model_name NAME] [--graceful_timeout 10]`."""
+  import jax
+  import jax.numpy as jnp
   import uvicorn
   from flax import nnx
 
@@ -246,7 +249,11 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.error(f"--port is {args.port}; it must be in [0, 65535]")
   exp, _ = load_experiment(cfg_args)
   tok = load_or_train_tokenizer(exp)
-  model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
+  # Zeros in the abstract model's shapes, not an eager init: the init compiles every
+  # initializer (seconds), and restore_params overwrites every Param (or raises).
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(exp.model,
+                                                                  rngs=nnx.Rngs(exp.seed))))
+  model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params))
   info = restore_params(exp, model, directory=args.checkpoint)  # in place
   print(f"lmx serve: restored {info['source']} (step {info['step']})", file=sys.stderr)
   if exp.model.quant:  # weight-only quantization for inference (lmx.quant.apply)
