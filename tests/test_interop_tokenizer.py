@@ -10,7 +10,7 @@ import sentencepiece as spm
 
 from lmx.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from lmx.interop import hf
-from lmx.interop.hf_tokenizer import JsonTokenizer, PlainSentencePiece
+from lmx.interop.hf_tokenizer import JsonTokenizer, SentencePieceTokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -50,7 +50,7 @@ def test_tokenizer_json(json_dir):
   assert tok.encode(s) == ref.encode(s, add_special_tokens=False).ids
   assert tok.decode(tok.encode(s)) == s  # byte-level BPE round-trips anything
   eot = ref.token_to_id("<|endoftext|>")
-  assert tok.eos_id == tok.bos_id == eot  # no bos token: GPT-2's one token serves both
+  assert tok.eos_id == tok.bos_id == tok.pad_id == eot  # GPT-2's one token serves all
   assert tok.decode([eot] + tok.encode("x")) == "x"  # specials are skipped
   assert tok.vocab_size == ref.get_vocab_size()
   assert tok.encode_batch([s, "x"]) == [tok.encode(s), tok.encode("x")]
@@ -60,13 +60,16 @@ def test_sentencepiece_preferred_and_plain(json_dir, tmp_path):
   (tmp_path / "tokenizer.json").write_bytes((json_dir / "tokenizer.json").read_bytes())
   (tmp_path / "tokenizer.model").write_bytes(_sp_model(byte_fallback=True))
   tok = hf.load_tokenizer(tmp_path)
-  assert type(tok) is Tokenizer  # tokenizer.model wins, and has byte fallback
+  assert isinstance(tok, SentencePieceTokenizer) and tok.byte_fallback  # tokenizer.model wins
+  s = "def f(x):\n  return 'ünïcode ✓'\n"
+  assert tok.encode(s) == Tokenizer(tok.model_proto).encode(s)  # lmx's own class
   (tmp_path / "tokenizer.model").write_bytes(plain := _sp_model(byte_fallback=False))
   tok = hf.load_tokenizer(tmp_path)
-  assert isinstance(tok, PlainSentencePiece)
+  assert isinstance(tok, SentencePieceTokenizer) and not tok.byte_fallback
   ref = spm.SentencePieceProcessor(model_proto=plain)
   assert tok.encode("def f(x):") == ref.encode("def f(x):")
   assert (tok.bos_id, tok.eos_id) == (ref.bos_id(), ref.eos_id())
+  assert ref.pad_id() == -1 and tok.pad_id == tok.eos_id  # the batcher needs a real pad id
 
 
 def test_experiment_tokenizer_path_reads_hf_dirs(json_dir):

@@ -11,6 +11,7 @@ stops on token ids only: `truncate_at_stop` cuts the decoded text afterwards (th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -100,15 +101,17 @@ def _completion(tokenizer, ids: list[int], stops: Sequence[str]) -> tuple[str, l
 
 
 def cli_main(argv: Sequence[str]) -> int:
-  """`lmx generate --config=... [--prompt TEXT | --batch_file FILE] [--checkpoint DIR]
-  [--max_new_tokens N] [--stop STRING ...] [--beams N | --draft_config=FILE
+  """`lmx generate --config=... [--prompt TEXT | --batch_file FILE] [--checkpoint DIR |
+  --hf HF_DIR] [--max_new_tokens N] [--stop STRING ...] [--beams N | --draft_config=FILE
   [--draft_checkpoint DIR] [--spec_k K] | --prompt_lookup]`.
 
   Sampling settings come from the config's `sample` section (override with
   `--config.sample.temperature=0.5` etc.). With --batch_file, each line of FILE is a prompt
   and each prompt gets one JSON line on stdout: {"prompt", "completion", "tokens",
   "finish_reason"} ('stop' at the EOS token or a --stop string, else 'length'). Tokens/s
-  goes to stderr (the first batch includes the jit compile).
+  goes to stderr (the first batch includes the jit compile). `--hf HF_DIR` runs a Hugging
+  Face model directory's weights and tokenizer directly (lmx.interop.hf); --config is then
+  optional and only its `sample` section and train.precision are used.
   """
   from lmx.data.tokenizer import load_or_train_tokenizer
   from lmx.infer.beam import beam_search
@@ -143,8 +146,17 @@ def cli_main(argv: Sequence[str]) -> int:
   parser.add_argument("--prompt_lookup", action="store_true",
                       help="speculative decoding with proposals looked up in the prompt + "
                            "generated tokens (no draft model)")
+  parser.add_argument("--hf", default=None,
+                      help="a Hugging Face model directory (config.json + safetensors + "
+                           "tokenizer) to generate from instead of an lmx checkpoint")
   args = parser.parse_args(rest)
-  exp, _ = load_experiment(cfg_args)
+  if args.hf is not None and args.checkpoint is not None:
+    parser.error("give --hf or --checkpoint, not both")
+  if args.hf is not None and not cfg_args:
+    from lmx.config import base_config, from_config_dict
+    exp = from_config_dict(base_config())  # sampling defaults
+  else:
+    exp, _ = load_experiment(cfg_args)
   s = exp.sample
   max_new = s.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
   if max_new < 1:
@@ -168,10 +180,19 @@ def cli_main(argv: Sequence[str]) -> int:
   else:
     prompts = [s.prompt if args.prompt is None else args.prompt]
 
-  tokenizer = load_or_train_tokenizer(exp)
-  model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
-  info = restore_params(exp, model, directory=args.checkpoint)  # in place
-  print(f"lmx generate: restored {info['source']} (step {info['step']})", file=sys.stderr)
+  if args.hf is not None:
+    from lmx.interop.hf import from_pretrained, load_tokenizer
+    tokenizer = load_tokenizer(args.hf)
+    model, hf_model = from_pretrained(args.hf, dtype=exp.train.precision)
+    exp = dataclasses.replace(exp, model=dataclasses.replace(hf_model, quant=exp.model.quant,
+                                                             quant_group=exp.model.quant_group
+                                                             ).validate())
+    print(f"lmx generate: loaded {args.hf}", file=sys.stderr)
+  else:
+    tokenizer = load_or_train_tokenizer(exp)
+    model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
+    info = restore_params(exp, model, directory=args.checkpoint)  # in place
+    print(f"lmx generate: restored {info['source']} (step {info['step']})", file=sys.stderr)
   if exp.model.quant:  # weight-only quantization for inference (lmx.quant.apply)
     from lmx.quant.apply import quantize_model, report_bytes
     report_bytes("lmx generate", exp.model.quant,

@@ -4,12 +4,11 @@
 (ids without special tokens), `encode_batch`, `decode(ids)`, `vocab_size`, `bos_id`,
 `eos_id`, `pad_id`, `unk_id`, `id_to_piece`, `path`, `sha256`:
 
-* `tokenizer.model` (SentencePiece; LLaMA 1/2, Mistral): lmx's own `Tokenizer` when the
-  model has byte-fallback pieces (lossless), else `PlainSentencePiece` (the same without
-  the byte-fallback guarantee: characters outside the vocabulary decode as unk).
+* `tokenizer.model` (SentencePiece; LLaMA 1/2, Mistral): `SentencePieceTokenizer`, lmx's
+  own Tokenizer (lossless when the model has byte-fallback pieces, as LLaMA's has).
 * otherwise `tokenizer.json` (the `tokenizers` library; GPT-2, Llama 3): `JsonTokenizer`.
   Special ids come from tokenizer_config.json's bos/eos/pad/unk tokens, else config.json's
-  *_token_id. Encoding adds no special tokens (lmx's generate prepends `bos_id` itself);
+  *_token_id; a missing bos or pad is the eos id (GPT-2's one <|endoftext|>). Encoding adds no special tokens (lmx's generate prepends `bos_id` itself);
   decoding skips them. Byte-level BPE (GPT-2, Llama 3) round-trips any string.
 
 Chat templates (tokenizer_config.json `chat_template`) are not read.
@@ -28,18 +27,30 @@ import sentencepiece as spm
 from lmx.data.tokenizer import Tokenizer
 
 
-class PlainSentencePiece(Tokenizer):
-  """A SentencePiece model without byte fallback (lmx's Tokenizer refuses those)."""
+class SentencePieceTokenizer(Tokenizer):
+  """An HF directory's tokenizer.model: lmx's Tokenizer, also when the model has no
+  byte-fallback pieces (then characters outside the vocabulary decode as unk, and
+  `byte_fallback` is False), with pad falling back to eos where the model has none
+  (LLaMA's pad id is -1, which the batcher cannot write)."""
 
   def __init__(self, model_proto: bytes, path: str | None = None):
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    self.model_proto = model_proto
-    self.path = path
+    try:
+      super().__init__(model_proto, path)
+      self.byte_fallback = True
+    except ValueError:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+      self.model_proto, self.path, self.byte_fallback = model_proto, path, False
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
 
   def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
+    return super().encode(text) if self.byte_fallback else self._sp.encode(text)
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+    if self.byte_fallback:
+      return super().encode_batch(texts, num_threads)
     return self._sp.encode(list(texts), num_threads=num_threads or os.cpu_count())
 
 
@@ -76,7 +87,7 @@ class JsonTokenizer:
     # GPT-2 style: one <|endoftext|> serves as bos and eos.
     self._ids = {"bos": ids["bos"] if ids["bos"] is not None else ids["eos"],
                  "eos": ids["eos"],
-                 "pad": ids["pad"] if ids["pad"] is not None else -1,
+                 "pad": ids["pad"] if ids["pad"] is not None else ids["eos"],
                  "unk": ids["unk"] if ids["unk"] is not None else -1}
 
   @property
@@ -138,8 +149,4 @@ def load_tokenizer(path: str | os.PathLike):
     raise FileNotFoundError(f"tokenizer {str(path)!r} does not exist.")
   if path.suffix == ".json":
     return JsonTokenizer(path)
-  proto = path.read_bytes()
-  try:
-    return Tokenizer(proto, str(path))
-  except ValueError:  # no byte-fallback pieces
-    return PlainSentencePiece(proto, str(path))
+  return SentencePieceTokenizer(path.read_bytes(), str(path))
