@@ -193,30 +193,38 @@ def _table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _load_model(args, exp, tok_from_exp):
-  """(model, tokenizer, source info): a Hugging Face directory, a checkpoint or --init."""
+def _load_model(args, exp):
+  """(experiment, model, tokenizer, source info) from a Hugging Face directory (the
+  experiment's model section becomes the HF model's config), a checkpoint, or --init."""
+  import dataclasses
+
+  from lmx.data.tokenizer import load_or_train_tokenizer
   from lmx.model import Transformer
   if args.hf:
     from lmx.interop.hf import from_pretrained, load_tokenizer
-    model, _ = from_pretrained(args.hf)
-    return model, load_tokenizer(args.hf), {"source": str(args.hf), "step": None}
-  model = Transformer(exp.model, rngs=nnx.Rngs(params=exp.seed))
-  if args.init:
-    info = {"source": "init", "step": 0}
+    tok = load_tokenizer(args.hf)
+    model, hf_cfg = from_pretrained(args.hf, dtype=exp.train.precision)
+    exp = dataclasses.replace(exp, model=dataclasses.replace(
+        hf_cfg, quant=exp.model.quant, quant_group=exp.model.quant_group).validate())
+    info = {"source": str(args.hf), "step": None}
   else:
-    from lmx.train.checkpoint import restore_params
-    info = restore_params(exp, model, args.checkpoint)
+    tok = load_or_train_tokenizer(exp)
+    model = Transformer(exp.model, rngs=nnx.Rngs(params=exp.seed))
+    if args.init:
+      info = {"source": "init", "step": 0}
+    else:
+      from lmx.train.checkpoint import restore_params
+      info = restore_params(exp, model, args.checkpoint)
   if exp.model.quant:  # weight-only quantization for inference (lmx.quant.apply)
     from lmx.quant.apply import quantize_model, report_bytes
     report_bytes("lmx evaluate", exp.model.quant,
                  quantize_model(model, exp.model.quant, exp.model.quant_group))
-  return model, tok_from_exp(), info
+  return exp, model, tok, info
 
 
 def cli_main(argv: Sequence[str]) -> int:
   """`lmx evaluate --config=EXP [--tasks=ppl,next_line,FILE.jsonl] [--limit N]
   [--checkpoint DIR | --init | --hf DIR]`: one JSON line of results, a table on stderr."""
-  from lmx.data.tokenizer import load_or_train_tokenizer
   from lmx.experiment import load_experiment, split_config_args
   from lmx.parallel.mesh import make_mesh, make_rules, use_mesh
 
@@ -229,7 +237,9 @@ def cli_main(argv: Sequence[str]) -> int:
   parser.add_argument("--init", action="store_true",
                       help="score the untrained model (config seed), not a checkpoint")
   parser.add_argument("--hf", default=None,
-                      help="a Hugging Face model directory (lmx.interop.hf) instead")
+                      help="a Hugging Face model directory (config.json + safetensors + "
+                           "tokenizer, lmx.interop.hf) instead; --config is then optional "
+                           "(its data section feeds ppl)")
   parser.add_argument("--limit", type=int, default=0,
                       help="first N records of each MC / generation task (default 0: all)")
   parser.add_argument("--batches", type=int, default=0,
@@ -252,7 +262,11 @@ def cli_main(argv: Sequence[str]) -> int:
   names = [t.strip() for t in args.tasks.split(",") if t.strip()]
   if not names:
     parser.error("--tasks is empty; name at least one task (e.g. ppl)")
-  exp, _ = load_experiment(cfg_args)
+  if args.hf and not cfg_args:
+    from lmx.config import base_config, from_config_dict
+    exp = from_config_dict(base_config())  # the stdlib corpus, default split
+  else:
+    exp, _ = load_experiment(cfg_args)
   start = time.time()
   tasks = [load_task(n, exp.data.validation_fraction) for n in names if n != "ppl"]
   for t in tasks:
@@ -264,12 +278,9 @@ def cli_main(argv: Sequence[str]) -> int:
   results: dict[str, Any] = {}
   mesh = make_mesh(exp.mesh)
   with use_mesh(mesh, make_rules(exp.mesh)):
-    model, tok, info = _load_model(args, exp, lambda: load_or_train_tokenizer(exp))
+    exp, model, tok, info = _load_model(args, exp)
     print(f"lmx evaluate: {info['source']} (step {info['step']})", file=sys.stderr)
-    if "ppl" in names:
-      if args.hf:
-        raise ValueError("--tasks=ppl with --hf is not supported: the validation shards are "
-                         "tokenized with the experiment's tokenizer; use MC / generation tasks")
+    if "ppl" in names:  # (with --hf the corpus is tokenized, and cached, with its tokenizer)
       from lmx.eval.perplexity import perplexity_results
       results.update(perplexity_results(exp, tok, model, mesh, args.batches or None))
   per_task = {}

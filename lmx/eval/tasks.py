@@ -16,24 +16,27 @@ the experiment's `data.validation_fraction` (the split the data pipeline uses), 
 trained on the stdlib corpus never saw them. Same Python, same fraction -> same records:
 orders come from sha256 of ids and `random.Random` with fixed seeds, never from hash().
   next_line           MC, 4 choices: the real next line of code after up to 8 lines of
-                      context, against 3 lines drawn from other held-out files
+                      context, against 3 lines of about its length drawn from other
+                      held-out files, re-indented like the answer
   docstring_name      generation: `# <docstring first paragraph>\\ndef` -> ` name` (stops
                       at `(`; exact match strips the space)
   docstring_name_mc   MC, 4 choices: the same prompt, the real name against 3 other
-                      held-out functions' names (each choice is ` name(`)
+                      held-out functions' names of about its length (each choice is ` name(`)
 """
 
 from __future__ import annotations
 
 import ast
+import bisect
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
 import os
 import pathlib
 import random
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from lmx.data import corpus
 
@@ -125,11 +128,34 @@ def _key(*parts: Any) -> bytes:
   return hashlib.sha256("\n".join(map(str, parts)).encode("utf-8", "surrogatepass")).digest()
 
 
-def held_out_sources(validation_fraction: float) -> list[corpus.Document]:
+@functools.lru_cache(maxsize=4)
+def held_out_sources(validation_fraction: float) -> tuple[corpus.Document, ...]:
   """The stdlib `.py` documents of the validation split, in a fixed hashed order."""
   docs = [d for d in corpus.stdlib_documents()
           if d.source == "stdlib" and corpus.is_validation(d.id, validation_fraction)]
-  return sorted(docs, key=lambda d: _key(SEED, d.id))
+  return tuple(sorted(docs, key=lambda d: _key(SEED, d.id)))
+
+
+def _length_matched(rng: random.Random, pool: list[str], target: str, exclude, k: int = 3):
+  """k distinct strings of `pool` (sorted by (len, text); repeats kept, so common strings
+  are drawn as often as they occur) within about 10% of the length of `target`, none in
+  `exclude`: a model that only counts tokens (an untrained one) cannot tell the answer by
+  its length."""
+  lengths = [len(p) for p in pool]
+  tol = max(2, len(target) // 10)
+  while True:
+    lo = bisect.bisect_left(lengths, len(target) - tol)
+    hi = bisect.bisect_right(lengths, len(target) + tol)
+    ok = sorted({pool[j] for j in range(lo, hi)} - set(exclude) - {target})
+    if len(ok) >= 4 * k or (lo == 0 and hi == len(pool)):
+      break
+    tol *= 2
+  out: list[str] = []
+  while len(out) < k:
+    cand = pool[rng.randrange(lo, hi)]
+    if cand not in exclude and cand != target and cand not in out:
+      out.append(cand)
+  return out
 
 
 def _good_line(line: str) -> bool:
@@ -137,14 +163,14 @@ def _good_line(line: str) -> bool:
   return _LINE_CHARS[0] <= len(s) <= _LINE_CHARS[1] and not s.startswith("#")
 
 
-def next_line_records(docs: list[corpus.Document], limit: int = NEXT_LINE_ITEMS) -> list[dict]:
-  pool: dict[str, str] = {}  # stripped line -> line, first seen (ordered, deterministic)
+def next_line_records(docs: Sequence[corpus.Document], limit: int = NEXT_LINE_ITEMS) -> list[dict]:
+  pool: list[str] = []  # every answer-like line, stripped (the distractors' population)
   sites = []  # (doc index, line index)
   for k, d in enumerate(docs):
     lines = d.text.splitlines()
     for i, line in enumerate(lines):
       if _good_line(line):
-        pool.setdefault(line.strip(), line)
+        pool.append(line.strip())
         ctx = lines[max(0, i - _CONTEXT_LINES):i]
         if i >= 3 and sum(bool(c.strip()) for c in ctx) >= 3:
           sites.append((k, i))
@@ -158,7 +184,7 @@ def next_line_records(docs: list[corpus.Document], limit: int = NEXT_LINE_ITEMS)
     chosen += [(k, i) for i in sorted(rng.sample(idx, min(_PER_DOC, len(idx))))]
   rng.shuffle(chosen)
   lines_of = {k: docs[k].text.splitlines() for k in per_doc}
-  pool_lines = list(pool.values())
+  pool.sort(key=lambda x: (len(x), x))
   out = []
   for k, i in chosen[:limit]:
     lines = lines_of[k]
@@ -166,12 +192,11 @@ def next_line_records(docs: list[corpus.Document], limit: int = NEXT_LINE_ITEMS)
     while sum(len(c) + 1 for c in ctx) > _MAX_CONTEXT_CHARS and len(ctx) > 1:
       ctx = ctx[1:]
     answer = lines[i]
+    indent = answer[:len(answer) - len(answer.lstrip())]
     own = {s.strip() for s in lines}  # distractors come from other files
-    distractors: list[str] = []
-    while len(distractors) < 3:
-      cand = pool_lines[rng.randrange(len(pool_lines))]
-      if cand.strip() not in own and cand not in distractors:
-        distractors.append(cand)
+    # Distractors take the answer's indentation: the choice is about the code, not the
+    # whitespace (and an untrained model cannot prefer the answer by its token count).
+    distractors = [indent + d for d in _length_matched(rng, pool, answer.strip(), own)]
     label = rng.randrange(4)
     choices = distractors[:label] + [answer] + distractors[label:]
     out.append({"context": "\n".join(ctx) + "\n", "choices": [c + "\n" for c in choices],
@@ -201,7 +226,7 @@ def _name_prompt(para: str) -> str:
   return "".join(f"# {line}".rstrip() + "\n" for line in para.splitlines()) + "def"
 
 
-def _functions(docs: list[corpus.Document]) -> list[tuple[str, str]]:
+def _functions(docs: Sequence[corpus.Document]) -> list[tuple[str, str]]:
   seen: dict[tuple[str, str], None] = {}
   for d in docs:
     if not any(p in d.id for p in _TEST_PARTS):
@@ -219,12 +244,11 @@ def docstring_name_records(docs, limit: int = NAME_ITEMS) -> list[dict]:
 
 def docstring_name_mc_records(docs, limit: int = NAME_ITEMS) -> list[dict]:
   funcs = _functions(docs)
-  names = list(dict.fromkeys(name for _, name in funcs))
+  names = sorted(dict.fromkeys(name for _, name in funcs), key=lambda x: (len(x), x))
   rng = random.Random(SEED + 1)
   out = []
   for para, name in funcs[:limit]:
-    others = [n for n in names if n != name]
-    distractors = rng.sample(others, 3)
+    distractors = _length_matched(rng, names, name, {name})
     label = rng.randrange(4)
     choices = distractors[:label] + [name] + distractors[label:]
     out.append({"context": _name_prompt(para), "choices": [f" {c}(" for c in choices],
