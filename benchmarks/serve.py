@@ -1,0 +1,131 @@
+"""`lmx serve` throughput and latency for 1, 4 and 16 concurrent clients -> one JSON object.
+
+    python benchmarks/serve.py [--config experiments/default.py] [--requests 48]
+        [--max_tokens 32] [--concurrency 1,4,16] [--max_batch 16] [--batch_wait_ms 10]
+
+Starts `lmx serve` (the default experiment's checkpoint, runs/default) on a free localhost
+port, warms every concurrency level once (the engine compiles per batch size and prompt
+bucket), then for each level runs `--requests` greedy completions of a fixed prompt set
+from that many client threads (each sends its next request when the last one returns) and
+reports requests/s, completion tokens/s, p50/p95 latency, engine calls and the speed-up
+over concurrency 1 (sequential single-request serving) measured in the same run. The
+clients run on the same machine as the server (they share the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPTS = ["import os\n", "def __init__(self", "class ", "    return ", "from collections import",
+           "# Copyright", "if __name__ == ", "    def test_", "import sys\nimport ",
+           '"""Utilities for ', "try:\n    ", "for i in range(", "    @property\n    def ",
+           "raise ValueError(", "with open(", "self.assertEqual("]
+
+
+def _post(url: str, body: dict) -> dict:
+  req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=600) as r:
+    return json.load(r)
+
+
+def _get(url: str) -> dict:
+  with urllib.request.urlopen(url, timeout=10) as r:
+    return json.load(r)
+
+
+def _level(base: str, model: str, clients: int, n: int, max_tokens: int) -> dict:
+  """n requests from `clients` closed-loop threads -> figures."""
+  lat, toks = [], []
+
+  def one(i):
+    t0 = time.perf_counter()
+    r = _post(base + "/v1/completions", {"model": model, "prompt": PROMPTS[i % len(PROMPTS)],
+                                         "max_tokens": max_tokens, "temperature": 0})
+    lat.append(time.perf_counter() - t0)
+    toks.append(r["usage"]["completion_tokens"])
+
+  calls = _get(base + "/health")["engine_calls"]
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    list(pool.map(one, range(n)))
+  wall = time.perf_counter() - t0
+  return {"concurrency": clients, "requests": n, "seconds": round(wall, 3),
+          "requests_per_s": round(n / wall, 3), "tokens_per_s": round(sum(toks) / wall, 1),
+          "p50_latency_s": round(float(np.percentile(lat, 50)), 3),
+          "p95_latency_s": round(float(np.percentile(lat, 95)), 3),
+          "engine_calls": _get(base + "/health")["engine_calls"] - calls}
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", default=str(ROOT / "experiments" / "default.py"))
+  ap.add_argument("--checkpoint", default=None)
+  ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+  ap.add_argument("--max_tokens", type=int, default=32)
+  ap.add_argument("--concurrency", default="1,4,16")
+  ap.add_argument("--max_batch", type=int, default=16)
+  ap.add_argument("--batch_wait_ms", type=float, default=10.0)
+  args = ap.parse_args()
+  levels = [int(c) for c in args.concurrency.split(",")]
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  cmd = [sys.executable, "-m", "lmx.cli", "serve", f"--config={args.config}", "--port",
+         str(port), "--max_batch", str(args.max_batch), "--batch_wait_ms",
+         str(args.batch_wait_ms)]
+  if args.checkpoint:
+    cmd += ["--checkpoint", args.checkpoint]
+  proc = subprocess.Popen(cmd, cwd=ROOT)
+  base = f"http://127.0.0.1:{port}"
+  try:
+    t0 = time.perf_counter()
+    while True:
+      try:
+        model = _get(base + "/health")["model"]
+        break
+      except OSError:
+        if proc.poll() is not None:
+          raise SystemExit("lmx serve exited before it was ready")
+        time.sleep(0.5)
+    startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for c in levels:  # compile the shapes each level will use
+      _level(base, model, c, 2 * c, args.max_tokens)
+    warmup = time.perf_counter() - t0
+    load = os.getloadavg()[0]
+    results = [_level(base, model, c, args.requests, args.max_tokens) for c in levels]
+    seq = next((r for r in results if r["concurrency"] == 1), None)
+    for r in results:
+      if seq:
+        r["speedup_vs_sequential"] = round(r["requests_per_s"] / seq["requests_per_s"], 2)
+    print(json.dumps({"model": model, "max_tokens": args.max_tokens,
+                      "prompts": len(PROMPTS), "max_batch": args.max_batch,
+                      "batch_wait_ms": args.batch_wait_ms, "cpus": os.cpu_count(),
+                      "load_avg_1m_before": round(load, 2),
+                      "load_avg_1m_after": round(os.getloadavg()[0], 2),
+                      "startup_s": round(startup, 1), "warmup_s": round(warmup, 1),
+                      "results": results}, indent=1))
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    print(f"lmx serve exited with {rc}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
