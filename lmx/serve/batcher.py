@@ -16,7 +16,8 @@ Design choices:
 - Fewer compiles. The engine compiles per (batch size, prompt bucket, max_new_tokens,
   settings). A group's row count is padded up to a power of two (capped at max_batch) with
   copies of its shortest prompt, and its max_new_tokens is rounded up to a multiple of 16
-  (within the context); each row is cut at its own max_tokens here. Rows are independent
+  (within the context); each row is cut at its own max_tokens here, and the loop is
+  resumed in chunks so it stops once every real row has ended. Rows are independent
   in the engine (left padding is masked), so padding changes no row's tokens.
 - A group keeps max(prompt) + max(max_new) within the model's context.
 - No continuous batching: a job that arrives while a group decodes waits for the next
@@ -151,7 +152,9 @@ class Batcher:
     if not group[0].seeded:  # pad rows: copies of the shortest prompt
       short = min(prompts, key=len)
       prompts += [short] * (_batch_rows(len(group), self.max_batch) - len(group))
-    chunk = STREAM_CHUNK if any(j.streaming for j in group) else max_new
+    # Non-streaming rows come back at the first chunk boundary at or after their end: the
+    # shortest max_tokens is one (the bucket's extra columns then never run).
+    chunk = STREAM_CHUNK if any(j.streaming for j in group) else min(j.max_new for j in group)
     sent = [0] * len(group)
     live = [True] * len(group)
     self.calls += 1
