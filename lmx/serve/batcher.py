@@ -1,7 +1,8 @@
 """The serving scheduler: one thread that batches queued requests through the decode engine.
 
     HTTP handlers --submit(Job)--> queue --> scheduler thread:
-      take the first job, wait up to `batch_wait_s` (or until `max_batch` jobs) for more,
+      take the first job, wait up to `batch_wait_s` (or until `max_batch` jobs) for more
+      (only while traffic is concurrent: the last collection had > 1 job or a queue),
       split them into groups that can share ONE engine call, run each group with
       `lmx.infer.engine.stream`, and hand every row's new tokens to its job's `emit`.
 
@@ -77,6 +78,7 @@ class Batcher:
     self.calls = 0  # engine calls run (for tests and logs)
     self._q: queue.Queue = queue.Queue()
     self._closed = False
+    self._last_size = 2  # jobs taken last time, plus those already queued behind them
     self._thread = threading.Thread(target=self._run, name="lmx-serve-batcher", daemon=True)
     self._thread.start()
 
@@ -101,7 +103,10 @@ class Batcher:
       if first is None:
         break
       jobs = [first]
-      deadline = time.monotonic() + self.batch_wait_s
+      # Wait for company only while traffic is concurrent (the last collection had more
+      # than one job): a lone client's request then starts at once.
+      wait = self.batch_wait_s if self._last_size > 1 else 0.0
+      deadline = time.monotonic() + wait
       while len(jobs) < self.max_batch:
         left = deadline - time.monotonic()
         try:
@@ -112,6 +117,7 @@ class Batcher:
           stop = True
           break
         jobs.append(job)
+      self._last_size = len(jobs) + self._q.qsize()
       for group in self._groups(jobs):
         self._decode(group)
     while True:  # shutting down: whatever is still queued gets an error
