@@ -44,7 +44,8 @@ def experiment_source(cfg: ModelConfig, run_dir: str, tokenizer_path: str, sourc
   """The text of RUN_DIR/experiment.py for an imported model."""
   fields = [f for f in dataclasses.fields(cfg) if f.name not in _SKIP_FIELDS]
   model_lines = "\n".join(f"  c.model.{f.name} = {getattr(cfg, f.name)!r}" for f in fields)
-  tok_note = ("  # The Hugging Face tokenizer, copied beside the weights (lmx.interop.hf_tokenizer)."
+  tok_note = ("  # The Hugging Face tokenizer, copied beside the weights "
+              "(lmx.interop.hf_tokenizer)."
               if tokenizer_path else
               "  # NOTE: the Hugging Face directory had no tokenizer, so lmx trains one for\n"
               "  # data.corpus: its ids do not mean what the imported embedding learned.")

@@ -251,9 +251,9 @@ def from_pretrained(path: str | os.PathLike, *,
   if not (path / "config.json").exists():
     raise FileNotFoundError(f"{path} has no config.json; from_pretrained needs a Hugging Face "
                             "model directory (config.json + model.safetensors).")
-  cfg = model_config(json.loads((path / "config.json").read_text()),
-                     dtype="float32" if dtype is None else jnp.dtype(dtype).name)
-  arch = json.loads((path / "config.json").read_text())["model_type"]
+  hf_cfg = json.loads((path / "config.json").read_text())
+  cfg = model_config(hf_cfg, dtype="float32" if dtype is None else jnp.dtype(dtype).name)
+  arch = hf_cfg["model_type"]
   sd = check_tensors(safetensors_io.read_dir(path), cfg, arch, where=str(path))
   tree = gpt2_from_hf(sd, cfg) if arch == "gpt2" else llama_from_hf(sd, cfg)
   # Abstract first: no random init of weights that are overwritten at once.
@@ -269,7 +269,8 @@ def params_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   peft = [jax.tree_util.keystr(p) for p, _ in flat if "_peft" in jax.tree_util.keystr(p)]
   if peft:
     raise UnsupportedModel(f"the parameters hold PEFT modules ({peft[0]}); export the base "
-                           "model (merge LoRA into it first) -- Hugging Face has no place for them.")
+                           "model (merge LoRA into it first) -- Hugging Face has no place "
+                           "for them.")
   sd = gpt2_to_hf(tree, cfg) if arch_of(cfg) == "gpt2" else llama_to_hf(tree, cfg)
   if cfg.tie_embeddings:
     sd.pop("lm_head.weight")

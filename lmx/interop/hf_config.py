@@ -9,8 +9,6 @@ with one sentence rather than imported approximately. Both the transformers 4 sp
 
 from __future__ import annotations
 
-import dataclasses
-
 from lmx.config import ModelConfig
 
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -144,7 +142,3 @@ def hf_config(cfg: ModelConfig, *, torch_dtype: str = "float32") -> dict:
                            "high_freq_factor": cfg.rope_high_freq_factor,
                            "original_max_position_embeddings": cfg.rope_original_max_len}
   return out
-
-
-def with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
-  return cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype).validate()

@@ -8,7 +8,8 @@
   own Tokenizer (lossless when the model has byte-fallback pieces, as LLaMA's has).
 * otherwise `tokenizer.json` (the `tokenizers` library; GPT-2, Llama 3): `JsonTokenizer`.
   Special ids come from tokenizer_config.json's bos/eos/pad/unk tokens, else config.json's
-  *_token_id; a missing bos or pad is the eos id (GPT-2's one <|endoftext|>). Encoding adds no special tokens (lmx's generate prepends `bos_id` itself);
+  *_token_id; a missing bos or pad is the eos id (GPT-2's one <|endoftext|>). Encoding adds
+  no special tokens (lmx's generate prepends `bos_id` itself);
   decoding skips them. Byte-level BPE (GPT-2, Llama 3) round-trips any string.
 
 Chat templates (tokenizer_config.json `chat_template`) are not read.

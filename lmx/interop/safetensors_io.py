@@ -47,7 +47,8 @@ def read_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except (ValueError, UnicodeDecodeError) as e:
       raise TensorError(f"{path} is not a safetensors file (its header is not JSON: {e}).")
   size = path.stat().st_size - 8 - n
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
+  data = (np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0
+          else np.zeros(0, np.uint8))  # np.memmap refuses an empty range
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
