@@ -76,13 +76,15 @@ def test_choice_counts_the_stop_token_but_does_not_show_it():
     ({"model": "m", "prompt": 5}, 400, "prompt"),
     ({"model": "m", "prompt": [1, 99], "max_tokens": 2}, 400, "prompt"),  # id outside the vocab of 30
     ({"model": "m", "prompt": "ab", "max_tokens": 2, "logprobs": 5}, 400, "logprobs"),
+    ({"model": "m", "prompt": "ab", "max_tokens": 2, "seed": 2**64}, 400, "seed"),
+    ({"model": "m", "prompt": "ab", "max_tokens": 2, "stop": ["a", 3]}, 400, "stop"),
     ({"model": "other", "prompt": "ab"}, 404, "model"),
     ({"prompt": "ab"}, 400, "model"),
 ])
 def test_bad_completion_requests(body, status, param):
   with pytest.raises(protocol.ApiError) as e:
     protocol.check_model(body, "m")
-    protocol.parse_common(body, "m", 30, 8, False, protocol.completion_prompts(body, _Chars()))
+    protocol.parse_common(body, 30, 8, False, protocol.completion_prompts(body, _Chars()))
   assert (e.value.status, e.value.param) == (status, param)
   assert e.value.body()["error"]["message"].endswith(".")
 

@@ -74,7 +74,7 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float,
   return x
 
 
-def parse_common(body: Any, model_name: str, vocab: int, context: int, chat: bool,
+def parse_common(body: Any, vocab: int, context: int, chat: bool,
                  prompts: list[list[int]]) -> Request:
   """The settings shared by completions and chat; `prompts` already encoded."""
   for p in prompts:
@@ -124,6 +124,8 @@ def parse_common(body: Any, model_name: str, vocab: int, context: int, chat: boo
   if sampling["min_new_tokens"] < 0:
     raise ApiError(400, "'min_tokens' must be >= 0.", "min_tokens")
   seed = _field(body, "seed", (int,), None, "an integer")
+  if seed is not None and not -2**63 <= seed < 2**63:
+    raise ApiError(400, f"'seed' is {seed}; it must fit in 64 bits.", "seed")
   stop = _field(body, "stop", (str, list), [], "a string or a list of strings")
   stop = [stop] if isinstance(stop, str) else stop
   if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):

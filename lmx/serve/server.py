@@ -93,7 +93,7 @@ def create_app(model, tok, name: str, *, max_batch: int = 16, batch_wait_s: floa
   async def completions(request: Request):
     body = await _body(request)
     check_model(body, name)
-    req = parse_common(body, name, vocab, context, False, completion_prompts(body, tok))
+    req = parse_common(body, vocab, context, False, completion_prompts(body, tok))
     return await _respond(req, chat=False)
 
   @app.post("/v1/chat/completions")
@@ -102,7 +102,7 @@ def create_app(model, tok, name: str, *, max_batch: int = 16, batch_wait_s: floa
     check_model(body, name)
     if role_ids is None:
       chat_prompt(body, tok, None)  # raises the 400
-    req = parse_common(body, name, vocab, context, True, [chat_prompt(body, tok, role_ids)])
+    req = parse_common(body, vocab, context, True, [chat_prompt(body, tok, role_ids)])
     return await _respond(req, chat=True)
 
   async def _respond(req, chat: bool):
