@@ -83,26 +83,34 @@ def test_mc_scores_equal_per_row_reference(tiny_model):
 
 def test_acc_and_acc_norm_from_fixed_scores(monkeypatch):
   # Choice 'a' (1 byte) scores -2, 'bbbb' (4 bytes) -4: acc takes 'a', acc_norm (-2/1 vs
-  # -4/4) takes 'bbbb'. Second record: 3 choices, the label best either way.
+  # -4/4) takes 'bbbb'. Record 2: 3 choices, the label best either way. Record 3: 'é' is
+  # 1 character but 2 bytes: per byte -1.5/2 > -3/3 (right), per character it would lose.
   recs = [{"context": "q", "choices": ["a", "bbbb"], "label": 1},
-          {"context": "r", "choices": ["x", "yy", "z"], "label": 0}]
-  fixed = np.array([-2.0, -4.0, -1.0, -5.0, -3.0])
+          {"context": "r", "choices": ["x", "yy", "z"], "label": 0},
+          {"context": "s", "choices": ["é", "bbb"], "label": 0}]
+  fixed = np.array([-2.0, -4.0, -1.0, -5.0, -3.0, -1.5, -3.0])
   monkeypatch.setattr(harness, "score_continuations", lambda m, pairs, b: fixed[:len(pairs)])
   out = harness.evaluate_mc(None, _Tok(), tasks.Task("t", tasks.MC, recs, skipped=2))
-  assert out["acc"] == 0.5 and out["acc_norm"] == 1.0
-  assert out["chance"] == pytest.approx((1 / 2 + 1 / 3) / 2)
-  assert out["n"] == 2 and out["skipped"] == 2
+  assert out["acc"] == pytest.approx(2 / 3) and out["acc_norm"] == 1.0
+  assert out["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
+  assert out["n"] == 3 and out["skipped"] == 2
 
 
 def test_split_continuation_concatenates_to_the_whole():
   from lmx.data import tokenizer as tk
   texts = ["def f(x):\n    return x\n" * 3, "import os\nimport sys\n" * 3] * 10
   tok = tk.train_tokenizer(texts, None, vocab_size=300, sample_bytes=1 << 16)
+  clean = 0
   for ctx, choice in [("def f(x):\n", "    return x\n"), ("import", " os"), ("", "x")]:
     c, x = harness.split_continuation(tok, ctx, choice)
-    assert c + x == [tok.bos_id] + tok.encode(ctx + choice)
+    whole, alone = [tok.bos_id] + tok.encode(ctx + choice), [tok.bos_id] + tok.encode(ctx)
+    assert c + x == whole
     assert c[0] == tok.bos_id and len(x) >= 1
     assert tok.decode(x) and (ctx + choice).endswith(tok.decode(x))
+    if whole[:len(alone)] == alone:  # no token across the boundary: split exactly there
+      assert c == alone
+      clean += 1
+  assert clean >= 2
 
 
 def test_generation_metrics_from_fixed_outputs(monkeypatch):
@@ -194,6 +202,22 @@ def test_shipped_tasks_are_deterministic_and_held_out(shipped, tmp_path):
     assert r["prompt"].endswith("\ndef") and f"def {r['answers'][0]}(" in text
   for r, g in zip(shipped["docstring_name_mc"].records, shipped["docstring_name"].records):
     assert r["context"] == g["prompt"] and r["choices"][r["label"]] == f" {g['answers'][0]}("
+
+
+@pytest.mark.slow  # two interpreter starts (~3 s)
+def test_shipped_tasks_same_bytes_in_fresh_processes(shipped):
+  """Another process with another str-hash seed writes the very same records."""
+  import hashlib
+  import subprocess
+  import sys
+  code = ("import hashlib, json; from lmx.eval import tasks; print(hashlib.sha256(json.dumps("
+          "[tasks.shipped_task(n, 0.02).records for n in tasks.SHIPPED]).encode()).hexdigest())")
+  want = hashlib.sha256(json.dumps([t.records for t in shipped.values()]).encode()).hexdigest()
+  for seed in ("1", "2"):
+    env = dict(os.environ, PYTHONHASHSEED=seed)
+    got = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert got == want, seed
 
 
 # --------------------------------------------------------------------------- bits/byte
