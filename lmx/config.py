@@ -195,6 +195,9 @@ class ModelConfig:
     if self.moe.num_experts and self.n_layers % self.moe.every_n_layers:
       _fail("model.moe.every_n_layers", f"is {self.moe.every_n_layers}; it must divide "
             f"model.n_layers={self.n_layers}")
+    if self.moe.num_experts and self.use_bias:
+      _fail("model.use_bias", "is True but MoE experts have no biases; set model.use_bias=False "
+            "or model.moe.num_experts=0")
     _choice("model.quant", self.quant, ("", "int8", "int4", "nf4"))
     _choice("model.kv_cache_dtype", self.kv_cache_dtype, ("", "int8"))
     if self.quant in ("int4", "nf4"):
@@ -592,6 +595,15 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> Experiment:
     if not kwargs["train"].trainable:  # the teacher rides along frozen (lmx.train.objectives)
       kwargs["train"] = dataclasses.replace(kwargs["train"], trainable=r"^(?!teacher\.)")
   exp = Experiment(**kwargs)
+  if exp.model.moe.num_experts:  # MoE x mesh (lmx/model/moe.py)
+    m = exp.mesh
+    if m.pipeline > 1 or m.dcn_pipeline > 1:
+      _fail("mesh.pipeline", f"is {m.pipeline} but MoE models do not run pipelined yet (the "
+            "pipeline drops the router losses); use mesh.pipeline=1")
+    ep = m.expert * m.dcn_expert
+    if ep > 0 and exp.model.moe.num_experts % ep:
+      _fail("model.moe.num_experts", f"is {exp.model.moe.num_experts}; it must be a multiple "
+            f"of the expert mesh axis size {ep} (mesh.expert x mesh.dcn_expert)")
   if exp.data.seq_len > exp.model.max_seq_len and exp.model.position == "learned":
     _fail("data.seq_len", f"is {exp.data.seq_len}; with learned positions it must be <= "
           f"model.max_seq_len={exp.model.max_seq_len}")

@@ -2,8 +2,9 @@
 JSON line (`--table` adds a human table of the memory plan for ZeRO stages 0-3).
 
 Needs no devices and allocates nothing. Counts and FLOPs follow from the config through
-`lmx.scaling.accounting` (flops_per_token = 6 * (non_embedding_params + d_model * vocab)
-+ 6 * n_layers * seq_len * n_heads * head_dim, causal attention at half). Memory comes from
+`lmx.scaling.accounting` (flops_per_token = 6 * (active_non_embedding_params + d_model *
+vocab) + 6 * n_layers * seq_len * n_heads * head_dim, causal attention at half; active =
+total except for MoE, where a token passes through top_k of the experts). Memory comes from
 the planner `lmx.scaling.memory`: the train state laid out by the runtime's own shardings
 on an AbstractMesh of `--devices` devices, plus gradients, batch and an activation estimate.
 
@@ -45,6 +46,8 @@ def experiment_info(exp, n_devices: int | None = None) -> dict:
       "params": pc.params,
       "non_embedding_params": pc.non_embedding_params,
       "embedding_params": pc.embedding_params,
+      "active_params": pc.active_params,  # per token; < params only for MoE
+      "active_non_embedding_params": pc.active_non_embedding_params,
       "flops_per_token": fpt,
       "seq_len": exp.data.seq_len,
       "train_tokens": tokens,

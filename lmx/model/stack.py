@@ -27,6 +27,7 @@ from lmx.config import ModelConfig
 from lmx.model.attention import Attention, LayerCache
 from lmx.model.layers import PEFT_SUFFIX, PROJECTION, compute_dtype
 from lmx.model.mlp import MLP
+from lmx.model.moe import LOSS_NAMES, METRIC_NAMES, MoE, MoEStat, aux_sums
 from lmx.model.norms import make_norm
 from lmx.parallel.mesh import constrain
 
@@ -45,38 +46,95 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
   """Attention + MLP with residuals; pre-LN (GPT-2/LLaMA) or post-LN (Vaswani 2017)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
     self.pre = cfg.norm_position == "pre"
     self.attn_norm = make_norm(cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = make_norm(cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
 
   def _hook(self, name: str, y: jax.Array) -> jax.Array:
     """A sublayer output through its PEFT hook (bottleneck adapter, lmx.peft), if any."""
     hook = getattr(self, name + PEFT_SUFFIX, None)
     return y if hook is None else hook(y)
 
-  def _mix(self, x, attn_fn, key=None):
-    """The residual wiring; attn_fn(y) -> (attention output, aux) and aux is passed on."""
+  def _mix(self, x, attn_fn, mlp_fn):
+    """The residual wiring; attn_fn(y) -> (attention output, aux), mlp_fn(y) -> (MLP
+    output, stats); returns (out, aux, stats)."""
     if self.pre:
       a, aux = attn_fn(self.attn_norm(x))
       h = x + self._hook("attn", a)
-      return h + self._hook("mlp", self.mlp(self.mlp_norm(h), key)), aux
+      m, stats = mlp_fn(self.mlp_norm(h))
+      return h + self._hook("mlp", m), aux, stats
     a, aux = attn_fn(x)
     h = self.attn_norm(x + self._hook("attn", a))
-    return self.mlp_norm(h + self._hook("mlp", self.mlp(h, key))), aux
+    m, stats = mlp_fn(h)
+    return self.mlp_norm(h + self._hook("mlp", m)), aux, stats
+
+  def forward(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+              key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """(B, T, D) -> ((B, T, D), the MoE layer's statistics ({} for a dense MLP))."""
+    ka, km = (None, None) if key is None else jax.random.split(key)
+    if isinstance(self.mlp, MoE):
+      valid = None if segment_ids is None else segment_ids != 0
+      mlp_fn = lambda y: self.mlp.forward(y, valid)
+    else:
+      mlp_fn = lambda y: (self.mlp(y, km), {})
+    out, _, stats = self._mix(x, lambda y: (self.attn(y, positions, segment_ids, ka), None),
+                              mlp_fn)
+    return constrain(out, _ACT), stats
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                key: jax.Array | None = None) -> jax.Array:  # (B, T, D) -> (B, T, D)
-    ka, km = (None, None) if key is None else jax.random.split(key)
-    out, _ = self._mix(x, lambda y: (self.attn(y, positions, segment_ids, ka), None), km)
-    return constrain(out, _ACT)
+    return self.forward(x, positions, segment_ids, key)[0]
 
   def decode(self, x, positions, cache: LayerCache, index,
              kv_start=None) -> tuple[jax.Array, LayerCache]:
     """(B, t, D) -> (B, t, D) and this layer's t new keys/values (B, t, K, H)."""
-    return self._mix(x, lambda y: self.attn.decode(y, positions, cache, index, kv_start))
+    out, new, _ = self._mix(x, lambda y: self.attn.decode(y, positions, cache, index, kv_start),
+                            lambda y: (self.mlp(y), {}))
+    return out, new
+
+
+class MoEGroup(nnx.Module):
+  """`model.moe.every_n_layers` = n consecutive layers: n - 1 dense Blocks (stacked, leading
+  axis n - 1) then one MoE Block. A stack of these groups is homogeneous, so the layer scan
+  runs over groups (n_layers / n of them) and each scanned body is the same program."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.n = cfg.moe.every_n_layers
+
+    @nnx.split_rngs(splits=self.n - 1)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_dense(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=rngs)
+
+    self.dense = make_dense(rngs)
+    self.moe = Block(cfg, rngs=rngs, moe=True)
+
+  def forward(self, x, positions, segment_ids, key=None) -> tuple[jax.Array, dict]:
+    keys = [None] * self.n if key is None else list(jax.random.split(key, self.n))
+    graphdef, dense = nnx.split(self.dense)
+    for params, k in zip(_unstack(dense), keys):
+      x = nnx.merge(graphdef, params)(x, positions, segment_ids, k)
+    return self.moe.forward(x, positions, segment_ids, keys[-1])
+
+  def __call__(self, x, positions, segment_ids, key=None) -> jax.Array:
+    return self.forward(x, positions, segment_ids, key)[0]
+
+  def decode(self, x, positions, cache: LayerCache, index, kv_start=None):
+    """Like Block.decode with this group's n layers of cache (n, B, S, K, H); returns the
+    n layers' new keys/values stacked (n, B, t, K, H)."""
+    graphdef, dense = nnx.split(self.dense)
+    news = []
+    for i, params in enumerate(_unstack(dense)):
+      x, new = nnx.merge(graphdef, params).decode(
+          x, positions, jax.tree.map(lambda a: a[i], cache), index, kv_start)
+      news.append(new)
+    x, new = self.moe.decode(x, positions, jax.tree.map(lambda a: a[-1], cache), index,
+                             kv_start)
+    news.append(new)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *news)
 
 
 def num_layers(layers: nnx.State) -> int:
@@ -98,7 +156,8 @@ def _unstack(tree) -> list:
 
 def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None, *, remat: str = "none",
-               unroll: bool = False, keys: jax.Array | None = None) -> jax.Array:
+               unroll: bool = False, keys: jax.Array | None = None,
+               with_stats: bool = False):
   """Run the stacked layers `layers` (any contiguous slice [i:j] of a LayerStack's block
   state, leading axis j - i) over x (B, T, D) in order; returns (B, T, D).
 
@@ -107,11 +166,13 @@ def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, position
   unroll=True runs a Python loop over the layer slices instead of the scan: same numbers,
   one copy of the layer per layer in the program. `keys` (one dropout key per layer, a
   training step's) are scanned with the layers; None runs deterministically.
+  with_stats=True returns (x, stats): the MoE layers' statistics stacked over the layers
+  ({} for a dense stack; lmx.model.moe.layer_stats).
   """
 
   def layer(x, params_and_key):
     params, key = params_and_key
-    return nnx.merge(graphdef, params)(x, positions, segment_ids, key), None
+    return nnx.merge(graphdef, params).forward(x, positions, segment_ids, key)
 
   if remat != "none":
     # NOTE: prevent_cse only matters where XLA could merge the recomputation back into the
@@ -121,11 +182,14 @@ def run_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array, position
     # A Python loop rather than jax.lax.scan(..., unroll=True): a faster CPU train step
     # in an in-process A/B (docs/benchmarks.md).
     per_layer = _unstack(layers)
+    stats = []
     for params, key in zip(per_layer, [None] * len(per_layer) if keys is None else keys):
-      x, _ = layer(x, (params, key))
-    return x
-  x, _ = jax.lax.scan(layer, x, (layers, keys))
-  return x
+      x, st = layer(x, (params, key))
+      stats.append(st)
+    stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+  else:
+    x, stats = jax.lax.scan(layer, x, (layers, keys))
+  return (x, stats) if with_stats else x
 
 
 def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
@@ -145,7 +209,13 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
     params, layer_cache = inputs
     return nnx.merge(graphdef, params).decode(x, positions, layer_cache, index, kv_start)
 
-  x, new = jax.lax.scan(layer, x, (layers, cache))  # new: (L, B, t, K, H)
+  units = num_layers(layers)
+  group = cache.k.shape[0] // units  # > 1: MoE groups of `group` layers (MoEGroup)
+  scanned = cache if group == 1 else jax.tree.map(
+      lambda a: a.reshape(units, group, *a.shape[1:]), cache)
+  x, new = jax.lax.scan(layer, x, (layers, scanned))  # new: (L, B, t, K, H)
+  if group > 1:
+    new = jax.tree.map(lambda a: a.reshape(units * group, *a.shape[2:]), new)
   start = (0, 0, index, 0, 0)
   k = jax.lax.dynamic_update_slice(cache.k, new.k, start)  # new is in the cache dtype
   v = jax.lax.dynamic_update_slice(cache.v, new.v, start)
@@ -157,27 +227,56 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
   return x, LayerCache(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
 
 
+def stack_units(cfg: ModelConfig) -> tuple[int, int]:
+  """(units, layers per unit) of the stack: n_layers Blocks, or with MoE every n > 1
+  layers, n_layers / n MoEGroups of n layers."""
+  n = cfg.moe.every_n_layers if cfg.moe.num_experts else 1
+  return cfg.n_layers // n, n
+
+
 class LayerStack(nnx.Module):
-  """`cfg.n_layers` Blocks as one Block whose parameters have a leading 'layers' axis."""
+  """`cfg.n_layers` Blocks as one Block whose parameters have a leading 'layers' axis.
+
+  With MoE (`model.moe.num_experts` > 0) every Block's MLP is an MoE (every_n_layers=1,
+  `block.mlp.{router, w_up, ...}` (L, E, ...)), or the stack holds L/n MoEGroups
+  (`block.dense.*` (L/n, n-1, ...), `block.moe.*` (L/n, ...)). The MoE layers' summed
+  losses and metrics of the last forward pass are kept in `moe_aux` for
+  `Transformer.aux_losses` (a dense stack has no such attribute).
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    units, per_unit = stack_units(cfg)
 
     # Each layer draws its own keys (split_rngs), and vmap puts 'layers' first in every
     # parameter's logical names (flax's spmd.add_axis on the out_sharding metadata).
-    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.split_rngs(splits=units)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_block(rngs: nnx.Rngs) -> Block:
-      return Block(cfg, rngs=rngs)
+      if per_unit > 1:
+        return MoEGroup(cfg, rngs=rngs)
+      return Block(cfg, rngs=rngs, moe=bool(cfg.moe.num_experts))
 
     self.block = make_block(rngs)
+    if cfg.moe.num_experts:
+      # One scalar Variable per sum, fixed at construction, so the model's state has the
+      # same structure before and after a forward pass (and under nnx.eval_shape).
+      self.moe_aux = nnx.data({k: MoEStat(jnp.zeros((), jnp.float32))
+                               for k in LOSS_NAMES + METRIC_NAMES})
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                key: jax.Array | None = None) -> jax.Array:  # (B, T, D) -> (B, T, D)
     graphdef, layers = nnx.split(self.block)
-    keys = None if key is None else jax.random.split(key, self.cfg.n_layers)
-    return run_layers(graphdef, layers, x, positions, segment_ids, remat=self.cfg.remat,
-                      unroll=not self.cfg.scan_layers, keys=keys)
+    keys = None if key is None else jax.random.split(key, num_layers(layers))
+    x, stats = run_layers(graphdef, layers, x, positions, segment_ids, remat=self.cfg.remat,
+                          unroll=not self.cfg.scan_layers, keys=keys, with_stats=True)
+    if self.cfg.moe.num_experts:
+      valid = (jnp.ones(x.shape[:2], bool) if segment_ids is None else segment_ids != 0)
+      losses, metrics = aux_sums(stats, self.cfg, jnp.sum(valid.astype(jnp.float32)))
+      # New Variables rather than updated ones: the model may be merged inside a trace
+      # from a `rest` state made outside it, whose Variables that trace may not mutate.
+      self.moe_aux = nnx.data({k: MoEStat(v) for k, v in {**losses, **metrics}.items()})
+    return x
 
   def init_cache(self, batch: int, max_len: int) -> LayerCache:
     """Zero keys/values (L, B, max_len, K, H) in the compute dtype, or int8 with float32

@@ -26,6 +26,7 @@ from flax import nnx, struct
 from lmx.config import ModelConfig
 from lmx.model.attention import LayerCache
 from lmx.model.layers import PEFT_SUFFIX, compute_dtype, normal, param
+from lmx.model.moe import LOSS_NAMES, METRIC_NAMES
 from lmx.model.norms import make_norm
 from lmx.model.positions import LearnedPositions, sinusoidal
 from lmx.model.stack import LayerStack
@@ -64,6 +65,17 @@ class Transformer(nnx.Module):
     self.final_norm = make_norm(cfg, rngs=rngs)
     self.lm_head = (None if cfg.tie_embeddings else
                     param(rngs.params(), (d, v), ("embed", "vocab"), normal(cfg.init_std)))
+
+  def aux_losses(self) -> dict[str, jax.Array]:
+    """Loss sums of the last forward pass beyond the LM loss -- the MoE balance and router
+    z-losses (lmx.model.moe.aux_sums) -- which the LM objective adds; {} for a dense model."""
+    aux = getattr(self.layers, "moe_aux", None)
+    return {} if aux is None else {k: aux[k][...] for k in LOSS_NAMES}
+
+  def aux_metrics(self) -> dict[str, jax.Array]:
+    """Sums the objective logs but does not train on: MoE dropped fraction and load."""
+    aux = getattr(self.layers, "moe_aux", None)
+    return {} if aux is None else {k: aux[k][...] for k in METRIC_NAMES}
 
   def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     dtype = compute_dtype(self.cfg)

@@ -20,6 +20,12 @@ Conventions (stated once, used everywhere):
   for training. Norms, softmax and the small per-parameter elementwise work are ignored.
   For GQA, q.k^T still costs n_heads * head_dim per key, so the term uses n_heads.
 * Total training compute C = flops_per_token * tokens (approximately 6 N D).
+* Mixture of Experts (`model.moe`, lmx/model/moe.py): `params` counts every expert;
+  `active_params` counts what one token passes through -- the router, its top_k routed
+  experts and the shared experts of each MoE layer, everything else as usual. FLOPs per
+  token use the *active* count: flops_per_token = 6 * (active_non_embedding_params +
+  d_model * vocab_size) + the attention term (the 6 N_active convention; the dispatch's
+  sorting and gathers are not counted). For a dense model active == total.
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ class ParamCount:
   params: int
   embedding_params: int
   non_embedding_params: int
-  per_layer: int
+  per_layer: int  # mean over layers (MoE and dense layers differ)
+  active_params: int  # per token (MoE: top_k routed experts); == params for dense models
+  active_non_embedding_params: int
 
 
 def _norm_params(cfg: ModelConfig) -> int:
@@ -66,21 +74,35 @@ def count_params(cfg: ModelConfig) -> ParamCount:
   mlp = n_in * d * f + f * d
   if cfg.use_bias:
     mlp += n_in * f + d
-  per_layer = attn + mlp + 2 * _norm_params(cfg)
+  dense_layer = attn + mlp + 2 * _norm_params(cfg)
+  n_moe, moe_layer, moe_active = 0, 0, 0
+  m = cfg.moe
+  if m.num_experts:
+    fe = m.d_ff or f
+    expert = n_in * d * fe + fe * d
+    router = d * m.num_experts + (m.num_experts if m.router == "sigmoid" else 0)
+    common = attn + 2 * _norm_params(cfg) + router + m.shared_experts * expert
+    n_moe = cfg.n_layers // m.every_n_layers
+    moe_layer = common + m.num_experts * expert
+    moe_active = common + m.top_k * expert
+  n_dense = cfg.n_layers - n_moe
   embedding = v * d
   if cfg.position == "learned":
     embedding += cfg.max_seq_len * d
   if not cfg.tie_embeddings:
     embedding += d * v
-  non_embedding = cfg.n_layers * per_layer + _norm_params(cfg)  # + final norm
+  layers = n_dense * dense_layer + n_moe * moe_layer
+  non_embedding = layers + _norm_params(cfg)  # + final norm
+  active = n_dense * dense_layer + n_moe * moe_active + _norm_params(cfg)
   return ParamCount(params=embedding + non_embedding, embedding_params=embedding,
-                    non_embedding_params=non_embedding, per_layer=per_layer)
+                    non_embedding_params=non_embedding, per_layer=layers // cfg.n_layers,
+                    active_params=embedding + active, active_non_embedding_params=active)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
   """Training FLOPs per token; see the module docstring for the convention."""
   t = seq_len if seq_len is not None else cfg.max_seq_len
-  n = count_params(cfg).non_embedding_params
+  n = count_params(cfg).active_non_embedding_params
   dense = 6 * (n + cfg.d_model * cfg.vocab_size)
   attention = 6 * cfg.n_layers * t * cfg.n_heads * cfg.dim_per_head
   return dense + attention

@@ -234,8 +234,12 @@ def activation_bytes(model: ModelConfig, rows: int, seq: int, chunk_tokens: int,
                      z_loss: float, weight_split: float) -> tuple[int, int, int]:
   """(saved, weights, working) activation bytes for `rows` rows of `seq` tokens (module
   docstring). `weight_split`: how much further than `model` the parameters are split."""
+  # The traces take 1 and 2 units of layers: one layer, or with MoE every n layers a group
+  # of n (n - 1 dense + 1 MoE; lmx.model.stack.MoEGroup), whose per-unit figures scale.
+  unit = model.moe.every_n_layers if model.moe.num_experts else 1
+
   def r(layers, n, remat=model.remat):
-    m = dataclasses.replace(model, n_layers=layers, remat=remat)
+    m = dataclasses.replace(model, n_layers=layers * unit, remat=remat)
     return residual_bytes(m, n, seq, chunk_tokens, z_loss)
 
   # r(l, n) = n * (a_other + l * a_layer) + (w_other + l * w_layer): solve from four traces.
@@ -244,7 +248,7 @@ def activation_bytes(model: ModelConfig, rows: int, seq: int, chunk_tokens: int,
   a_other = (r12 - r11) / rows - a_layer
   w_layer = (r21 - r11) - rows * a_layer
   w_other = r11 - rows * (a_other + a_layer) - w_layer
-  layers = model.n_layers
+  layers = model.n_layers // unit
   saved = rows * (a_other + layers * a_layer)
   weights = layers * w_layer / weight_split + w_other
   # One layer's residuals as saved without remat: what a remat layer recomputes before its

@@ -8,7 +8,7 @@ precision, clipping, skipping non-finite steps, checkpointing.
 
 `loss_sum` is a float32 scalar *summed* over the batch's units (tokens for language
 modelling, pairs for preference losses, ...); `aux` is a dict of float32 scalar sums
-(`ce_sum`, `z_sum`, `kd_sum`, an MoE layer's `moe_aux_sum`, ...). Sums, not means, so that
+(`ce_sum`, `z_sum`, `kd_sum`, the MoE `moe_balance_sum`, ...). Sums, not means, so that
 microbatches combine exactly: the step adds them up and divides once by
 `normalizer(batch)`, computed from the whole batch before the forward pass (the fp16 loss
 scale is applied to the mean, lmx.train.step). Every aux key `<name>_sum` is logged as
@@ -98,6 +98,13 @@ def model_aux_sums(model: nnx.Module) -> dict[str, jax.Array]:
   return dict(get()) if get is not None else {}
 
 
+def model_aux_metrics(model: nnx.Module) -> dict[str, jax.Array]:
+  """Sums a model reports for logging only (e.g. an MoE's dropped-token fraction and expert
+  load); `<name>_sum` keys like the losses', but never added to the loss."""
+  get = getattr(model, "aux_metrics", None)
+  return dict(get()) if get is not None else {}
+
+
 def lm_objective(z_loss: float = 0.0, chunk_tokens: int = 0) -> Objective:
   """Next-token prediction on `loss_mask` (pretraining, and SFT with masked prompts)."""
 
@@ -106,6 +113,7 @@ def lm_objective(z_loss: float = 0.0, chunk_tokens: int = 0) -> Objective:
     aux = lm_sums(model, batch, z_loss, chunk_tokens, key)
     aux.update(model_aux_sums(model))
     total = sum(v for k, v in aux.items() if k.endswith("_sum"))
+    aux.update(model_aux_metrics(model))  # logged, not trained on
     return total, aux
 
   return Objective("lm", loss_fn, pipeline_head=True)
