@@ -123,6 +123,7 @@ def test_to_pretrained_round_trip(refs, tmp_path, name):
   ref, path = refs[name]
   model, cfg = hf.from_pretrained(path)
   hf.to_pretrained(model, cfg, tmp_path / "out", max_shard_bytes=30_000)
+  assert (tmp_path / "out" / "model.safetensors.index.json").exists()
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
   assert type(back) is type(ref)
   np.testing.assert_allclose(_hf_logits(back), np.asarray(model(TOKENS)), rtol=0, atol=1e-4)
@@ -131,6 +132,21 @@ def test_to_pretrained_round_trip(refs, tmp_path, name):
   for k, v in back.state_dict().items():
     if k in sd:
       np.testing.assert_array_equal(v.numpy(), sd[k], err_msg=k)
+
+
+def test_to_pretrained_bfloat16(refs, tmp_path):
+  """A bf16 export: stored as BF16, and transformers (run in float32) and lmx read the same
+  rounded weights."""
+  model, cfg = hf.from_pretrained(refs["gpt2"][1])
+  hf.to_pretrained(model, cfg, tmp_path, dtype="bfloat16")
+  raw = (tmp_path / "model.safetensors").read_bytes()
+  header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])  # the format's header
+  assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+  rounded, _ = hf.from_pretrained(tmp_path)
+  got = np.asarray(rounded(TOKENS))
+  np.testing.assert_allclose(_hf_logits(back.eval()), got, rtol=0, atol=1e-4)
+  assert 0 < np.abs(got - np.asarray(model(TOKENS))).max() < 0.05  # rounded, only slightly
 
 
 def test_bad_inputs(refs, tmp_path):
