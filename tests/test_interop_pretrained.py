@@ -5,13 +5,16 @@ save_pretrained -- fp32, sharded, bf16 -- must give transformers' logits and gre
 Needs the `reference` extra (torch + transformers). The HF models are built once per module.
 """
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from lmx.interop import hf
 from lmx.infer.generate import generate
+from lmx.model.transformer import Transformer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -93,6 +96,11 @@ def test_logits_and_greedy_tokens_match_transformers(refs, name):
   np.testing.assert_allclose(got, _hf_logits(ref), rtol=0, atol=1e-4)
   prompt = TOKENS[0, :6].tolist()
   assert generate(model, prompt, 14, temperature=0.0)[0] == _hf_greedy(ref, prompt, 14)
+  if cfg.sliding_window:  # the window in jax.nn.dot_product_attention too (CPU 'auto' blocks)
+    cfg = dataclasses.replace(cfg, attention_impl="jax")
+    other = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    hf.assign_params(other, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    np.testing.assert_allclose(np.asarray(other(TOKENS)), got, rtol=0, atol=1e-5)
 
 
 def test_config_mapping(refs):
