@@ -60,16 +60,19 @@ def _level(base: str, model: str, clients: int, n: int, max_tokens: int) -> dict
     lat.append(time.perf_counter() - t0)
     toks.append(r["usage"]["completion_tokens"])
 
-  calls = _get(base + "/health")["engine_calls"]
+  before = _get(base + "/health")
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     list(pool.map(one, range(n)))
   wall = time.perf_counter() - t0
+  after = _get(base + "/health")
   return {"concurrency": clients, "requests": n, "seconds": round(wall, 3),
           "requests_per_s": round(n / wall, 3), "tokens_per_s": round(sum(toks) / wall, 1),
           "p50_latency_s": round(float(np.percentile(lat, 50)), 3),
           "p95_latency_s": round(float(np.percentile(lat, 95)), 3),
-          "engine_calls": _get(base + "/health")["engine_calls"] - calls}
+          "engine_calls": after["engine_calls"] - before["engine_calls"],
+          "mean_batch": round((after["engine_rows"] - before["engine_rows"])
+                              / max(after["engine_calls"] - before["engine_calls"], 1), 2)}
 
 
 def main() -> int:

@@ -1,8 +1,9 @@
 """The serving scheduler: one thread that batches queued requests through the decode engine.
 
     HTTP handlers --submit(Job)--> queue --> scheduler thread:
-      take the first job, wait up to `batch_wait_s` (or until `max_batch` jobs) for more
-      (only while traffic is concurrent: the last collection had > 1 job or a queue),
+      take the first job, wait up to `batch_wait_s` for more until as many jobs as the last
+      collection held (plus its queue) are here, take any others already queued (up to
+      `max_batch`),
       split them into groups that can share ONE engine call, run each group with
       `lmx.infer.engine.stream`, and hand every row's new tokens to its job's `emit`.
 
@@ -76,6 +77,7 @@ class Batcher:
     self.max_batch = max_batch
     self.batch_wait_s = batch_wait_s
     self.calls = 0  # engine calls run (for tests and logs)
+    self.rows = 0  # requests (real rows) those calls decoded
     self._q: queue.Queue = queue.Queue()
     self._closed = False
     self._last_size = 2  # jobs taken last time, plus those already queued behind them
@@ -103,12 +105,12 @@ class Batcher:
       if first is None:
         break
       jobs = [first]
-      # Wait for company only while traffic is concurrent (the last collection had more
-      # than one job): a lone client's request then starts at once.
-      wait = self.batch_wait_s if self._last_size > 1 else 0.0
-      deadline = time.monotonic() + wait
+      # Wait for company only until as many jobs as last time are here (a lone client's
+      # request starts at once); then take only what is already queued.
+      target = min(self._last_size, self.max_batch)
+      deadline = time.monotonic() + self.batch_wait_s
       while len(jobs) < self.max_batch:
-        left = deadline - time.monotonic()
+        left = deadline - time.monotonic() if len(jobs) < target else 0
         try:
           job = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
         except queue.Empty:
@@ -164,6 +166,7 @@ class Batcher:
     sent = [0] * len(group)
     live = [True] * len(group)
     self.calls += 1
+    self.rows += len(group)
     try:
       for c in stream(self.model, prompts, max_new, opts, chunk=chunk):
         for i, job in enumerate(group):

@@ -82,7 +82,8 @@ def create_app(model, tok, name: str, *, max_batch: int = 16, batch_wait_s: floa
   @app.get("/health")
   async def health():
     b = state.get("batcher")
-    return {"status": "ok", "model": name, "engine_calls": b.calls if b else 0}
+    return {"status": "ok", "model": name, "engine_calls": b.calls if b else 0,
+            "engine_rows": b.rows if b else 0}
 
   @app.get("/v1/models")
   async def models():
