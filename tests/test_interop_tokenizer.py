@@ -30,6 +30,8 @@ def json_dir(tmp_path_factory):
   tok.train_from_iterator(TEXTS, trainer)
   tok.save(str(d / "tokenizer.json"))
   (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  # GPT2Config's default ids, outside this small vocabulary: must not be used.
+  (d / "config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
   return d
 
 

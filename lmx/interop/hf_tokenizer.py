@@ -8,7 +8,7 @@
   own Tokenizer (lossless when the model has byte-fallback pieces, as LLaMA's has).
 * otherwise `tokenizer.json` (the `tokenizers` library; GPT-2, Llama 3): `JsonTokenizer`.
   Special ids come from tokenizer_config.json's bos/eos/pad/unk tokens, else config.json's
-  *_token_id; a missing bos or pad is the eos id (GPT-2's one <|endoftext|>). Encoding adds
+  *_token_id (when inside the vocabulary); a missing bos or pad is the eos id (GPT-2's one <|endoftext|>). Encoding adds
   no special tokens (lmx's generate prepends `bos_id` itself);
   decoding skips them. Byte-level BPE (GPT-2, Llama 3) round-trips any string.
 
@@ -81,6 +81,8 @@ class JsonTokenizer:
       if i is None:
         i = model_cfg.get(f"{name}_token_id")
         i = i[0] if isinstance(i, list) and i else i
+        # GPT2Config's defaults (50256) survive in configs of smaller vocabularies.
+        i = i if isinstance(i, int) and 0 <= i < self.vocab_size else None
       ids[name] = i
     if ids["eos"] is None:
       raise ValueError(f"{directory} names no eos token (tokenizer_config.json eos_token or "
