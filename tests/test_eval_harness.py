@@ -304,16 +304,28 @@ def test_cli_hf_directory_scores_like_transformers(tmp_path, capsys):
              {"context": "x = ", "choices": ["[1, 2]\n", "os.sep\n", "1"], "label": 1}]
   user = tmp_path / "mc.jsonl"
   user.write_text("".join(json.dumps(r) + "\n" for r in records))
+  # ppl on a user corpus (--corpus): two text files and a JSONL file, every document.
+  (tmp_path / "corpus").mkdir()
+  docs = [texts[0] * 10, texts[1] * 14, "a = 1\n", "print(x)\n"]
+  (tmp_path / "corpus" / "a.py").write_text(docs[0])
+  (tmp_path / "corpus" / "b.txt").write_text(docs[1])
+  (tmp_path / "corpus" / "c.jsonl").write_text(
+      "".join(json.dumps({"text": t}) + "\n" for t in docs[2:]) + "{bad\n")
   cfg = [f"--config={REPO}/experiments/default.py", f"--config.data.cache_dir={tmp_path}/c"]
   cfg += [f"--config.{k}={v}" for k, v in _TINY.items() if not k.startswith("model.")]
-  assert main(["evaluate", *cfg, "--hf", str(src), f"--tasks=ppl,{user}"]) == 0
+  cfg += ["--config.data.seq_len=8"]  # several batches of 8 rows
+  assert main(["evaluate", *cfg, "--hf", str(src), f"--tasks=ppl,{user}",
+               f"--corpus={tmp_path}/corpus"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["checkpoint"] == str(src) and 0 < out["val_loss"] < 10
+  htok = hf.load_tokenizer(src)
+  assert out["val_bytes"] == sum(len(t.encode()) for t in docs)  # ASCII: exact for BPE too
+  assert out["val_tokens"] == sum(len(htok.encode(t)) + 1 for t in docs)  # + eos each
+  assert out["val_tokens"] > 2 * 8 * 8  # more than two batches
   assert out["val_bpb"] == pytest.approx(
       out["val_loss"] * out["val_tokens"] / (out["val_bytes"] * math.log(2)), rel=1e-12)
 
   # The same choices scored by transformers (torch log-softmax over a whole unpadded row).
-  htok = hf.load_tokenizer(src)
   want, pairs = [], []
   for r in records:
     for c in r["choices"]:

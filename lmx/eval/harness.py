@@ -7,8 +7,9 @@ tasks, as one JSON line of results (stdout) and a table (stderr).
     lmx evaluate --hf DIR --config=... --tasks=next_line               # a Hugging Face model
 
 Tasks (lmx.eval.tasks): `ppl`, the shipped sets, or paths to JSONL task files.
-  ppl         the experiment's validation split (data section: stdlib, a folder, JSONL, ...)
-              -> val_loss, val_ppl, val_bpb, unigram_ppl (lmx.eval.perplexity)
+  ppl         the experiment's validation split (data section: stdlib, a folder, JSONL, ...),
+              or with --corpus PATH every document of PATH, tokenized with the model's
+              tokenizer -> val_loss, val_ppl, val_bpb, unigram_ppl (lmx.eval.perplexity)
   multiple    row = [bos] + encode(context + choice); the choice's tokens are those after the
   choice      longest prefix shared with encode(context) (so a token that merges across the
               boundary is scored with the choice, as lm-eval-harness does); the score of a
@@ -244,6 +245,10 @@ def cli_main(argv: Sequence[str]) -> int:
                       help="first N records of each MC / generation task (default 0: all)")
   parser.add_argument("--batches", type=int, default=0,
                       help="ppl: validation batches to use (default 0: the whole split)")
+  parser.add_argument("--corpus", default=None,
+                      help="ppl: every document of this corpus (a folder, .txt/.py/.md, "
+                           ".jsonl or .array_record) instead of the validation split, "
+                           "tokenized with the model's tokenizer")
   parser.add_argument("--batch_size", type=int, default=32,
                       help="MC rows per forward / prompts per generate call (default 32)")
   parser.add_argument("--max_new_tokens", type=int, default=16,
@@ -282,7 +287,10 @@ def cli_main(argv: Sequence[str]) -> int:
     print(f"lmx evaluate: {info['source']} (step {info['step']})", file=sys.stderr)
     if "ppl" in names:  # (with --hf the corpus is tokenized, and cached, with its tokenizer)
       from lmx.eval.perplexity import perplexity_results
-      results.update(perplexity_results(exp, tok, model, mesh, args.batches or None))
+      results.update(perplexity_results(exp, tok, model, mesh, args.batches or None,
+                                        args.corpus))
+      if args.corpus:
+        results["corpus"] = args.corpus
   per_task = {}
   for t in tasks:
     if t.kind == MC:

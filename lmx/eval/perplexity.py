@@ -83,9 +83,35 @@ def token_byte_lengths(tok, vocab_size: int) -> np.ndarray:
   return out
 
 
-def perplexity_results(exp, tok, model, mesh, max_batches: int | None = None) -> dict[str, Any]:
+def corpus_batches(exp, tok, path: str, max_batches: int | None = None) -> list[dict]:
+  """EVERY document of the corpus at `path` (what `data.corpus` accepts: a folder, a
+  .txt/.py/.md, .jsonl (field data.text_field) or .array_record file), tokenized with `tok`
+  as `[bos] + ids + [eos]` and packed into validation-style batches (data.seq_len,
+  data.packing, data.batch_size; the last batch padded): one pass, corpus order."""
+  import dataclasses
+
+  import grain
+
+  from lmx.data import corpus
+  from lmx.data.pipeline import PackRowsIterDataset, batch_rows
+
+  d = dataclasses.replace(exp.data, corpus=path, max_docs=0)
+  texts = [doc.text for doc in corpus.iter_documents(d)]
+  if not texts:
+    raise ValueError(f"--corpus {path!r} has no documents")
+  docs = [np.asarray([tok.bos_id] + ids + [tok.eos_id], np.int32)
+          for ids in tok.encode_batch(texts)]
+  rows = PackRowsIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), d.seq_len,
+                             d.packing, tok.pad_id)
+  batches = batch_rows(rows, d.batch_size, d.seq_len, tok.pad_id, drop_remainder=False)
+  return list(itertools.islice(iter(batches), max_batches))
+
+
+def perplexity_results(exp, tok, model, mesh, max_batches: int | None = None,
+                       corpus_path: str | None = None) -> dict[str, Any]:
   """Validation loss / perplexity / bits per byte of `model` on the experiment's validation
-  split (all of it, or its first `max_batches` batches), plus the unigram baseline for text
+  split (all of it, or its first `max_batches` batches) -- or on every document of
+  `corpus_path` -- plus the unigram baseline of the experiment's training data for text
   data. Call inside `use_mesh(mesh, ...)`, with `model` built there."""
   import jax
   from flax import nnx
@@ -102,7 +128,9 @@ def perplexity_results(exp, tok, model, mesh, max_batches: int | None = None) ->
                               zip(leaves, jax.tree.leaves(state_shardings(params, mesh)))])
   eval_fn = jit_eval_step(make_eval_step(graphdef, other, exp.train.loss_chunk_tokens), params,
                           mesh)
-  if exp.data.format == "sft":  # the held-out conversations, as the train loop splits them
+  if corpus_path:
+    val = corpus_batches(exp, tok, corpus_path, max_batches)
+  elif exp.data.format == "sft":  # the held-out conversations, as the train loop splits them
     from lmx.train.sources import make_sources
     val = make_sources(exp, tok, 0, 1, max_batches).validation
   else:
