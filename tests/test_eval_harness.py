@@ -340,3 +340,15 @@ def test_cli_hf_directory_scores_like_transformers(tmp_path, capsys):
   np.testing.assert_allclose(harness.score_continuations(model, pairs), want, atol=1e-4)
   acc = np.mean([int(np.argmax(want[:2])) == 0, int(np.argmax(want[2:])) == 1])
   assert out["tasks"]["mc"]["acc"] == acc and out["tasks"]["mc"]["n"] == 2
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--limit", "-1"], "--limit is -1; it must be >= 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens is 0; it must be >= 1"),
+    (["--init", "--checkpoint", "x"], "at most one of --checkpoint, --init and --hf"),
+    (["--tasks=,"], "--tasks is empty"),
+])
+def test_cli_rejects_bad_arguments(args, msg, capsys):
+  with pytest.raises(SystemExit) as e:
+    harness.cli_main([f"--config={REPO}/experiments/default.py", *args])
+  assert e.value.code == 2 and msg in capsys.readouterr().err

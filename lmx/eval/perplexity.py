@@ -10,7 +10,6 @@ language model that does not beat it has learned nothing beyond token frequencie
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from typing import Any, Callable, Iterable
 
