@@ -40,10 +40,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from lmx.config import ModelConfig
+from lmx.config import ConfigError, ModelConfig
 from lmx.model.layers import compute_dtype, normal, output_init_std, param, zeros
-from lmx.parallel.mesh import constrain
+from lmx.parallel.mesh import active_mesh, constrain, mesh_sizes, spec_for, use_mesh
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "swiglu": jax.nn.silu,
                 "geglu": jax.nn.gelu}
@@ -162,6 +163,10 @@ class MoE(nnx.Module):
     """x (B, T, D), valid bool (B, T) (False = padding, excluded from statistics and last
     in line for capacity) -> (y (B, T, D), this layer's statistics; see `layer_stats`)."""
     cfg, m = self.cfg, self.cfg.moe
+    dropless = not m.capacity_factor if dropless is None else dropless
+    mesh, rules = active_mesh()
+    if mesh is not None and mesh_sizes(mesh).get("expert", 1) > 1:
+      return self._forward_ep(x, valid, dropless, mesh, rules)
     b, t, d = x.shape
     n, e, k = b * t, m.num_experts, m.top_k
     xf = x.reshape(n, d)
@@ -173,7 +178,7 @@ class MoE(nnx.Module):
     order, group_sizes, slot = sort_assignments(idx, valid, e)
     token = jnp.tile(jnp.arange(n, dtype=jnp.int32), k)[order]  # token of each sorted slot
     xs = xf[token]  # (A, D)
-    if dropless if dropless is not None else not m.capacity_factor:
+    if dropless:
       ys = self._experts_ragged(xs, group_sizes)
       dropped = jnp.zeros((), jnp.float32)
     else:
@@ -191,30 +196,110 @@ class MoE(nnx.Module):
     y = jnp.einsum("KND,NK->ND", ya, w.astype(ya.dtype))
     if self.shared is not None:
       y = y + self.shared(x).reshape(n, d)
-    stats = layer_stats(logits, probs, idx, valid, dropped, e, bias)
-    return y.reshape(b, t, d), stats
+    sums = stat_sums(logits, probs, idx, valid, dropped, e)
+    return y.reshape(b, t, d), layer_stats(sums, k, bias)
+
+  def _forward_ep(self, x, valid, dropless, mesh, rules) -> tuple[jax.Array, dict]:
+    """Expert parallelism: `forward` with the experts split over the `expert` mesh axis.
+
+    One `shard_map` over the whole mesh. Each device routes its own tokens, packs them
+    into an (E, C, D) buffer by destination expert, and one all-to-all over `expert` sends
+    each expert's rows to the device holding it (E/ep experts per device); the experts run
+    on everything they received, and a second all-to-all brings the outputs home.
+    C is per source device: ceil(capacity_factor * local tokens * K / E), or the local
+    token count when dropless (an expert can take every local token once, so nothing is
+    dropped; the buffer is then E/K times the assignments -- memory traded for equality).
+    Statistics are summed over all devices (psum), so they equal the one-device figures.
+    NOTE: weights enter replicated over the other axes (fsdp/tensor shards are gathered).
+    """
+    cfg, m = self.cfg, self.cfg.moe
+    b, t, d = x.shape
+    e, k = m.num_experts, m.top_k
+    sizes = mesh_sizes(mesh)
+    ep = sizes["expert"]
+    x_spec = spec_for(("batch", "seq", None), mesh, rules)
+    token_axes = tuple(a for entry in x_spec if entry is not None
+                       for a in ((entry,) if isinstance(entry, str) else entry))
+    if "expert" not in token_axes:
+      raise ConfigError("Invalid config: `mesh.rules` must split the batch over the `expert` "
+                        "mesh axis (as the default rules do) for expert parallelism.")
+    valid = jnp.ones((b, t), bool) if valid is None else valid
+    bias = None if self.router_bias is None else self.router_bias[...]
+    ws = [self._w(self.router), self._w(self.w_up), self._w(self.w_down)]
+    ws += [] if self.w_gate is None else [self._w(self.w_gate)]
+    act = _ACTIVATIONS[cfg.mlp]
+    w_spec = PartitionSpec("expert")
+
+    def body(x, valid, bias, router, w_up, w_down, w_gate=None):
+      bl, tl, _ = x.shape
+      n = bl * tl
+      xf, vf = x.reshape(n, d), valid.reshape(n)
+      logits = jnp.einsum("ND,DE->NE", xf, router, preferred_element_type=jnp.float32)
+      w, idx, probs = route(logits, k, m.router, bias)
+      order, group_sizes, slot = sort_assignments(idx, vf, e)
+      token = jnp.tile(jnp.arange(n, dtype=jnp.int32), k)[order]
+      c = n if dropless else capacity(n, k, e, m.capacity_factor)
+      expert = jnp.repeat(jnp.arange(e, dtype=jnp.int32), group_sizes, total_repeat_length=n * k)
+      keep = slot < c
+      dest = jnp.where(keep, expert * c + slot, e * c)
+      buf = jnp.zeros((e * c, d), xf.dtype).at[dest].set(xf[token], mode="drop")
+      buf = buf.reshape(ep, e // ep, c, d)  # by destination device
+      buf = jax.lax.all_to_all(buf, "expert", 0, 0, tiled=True)  # (ep sources, E/ep, C, D)
+      buf = jnp.swapaxes(buf, 0, 1).reshape(e // ep, ep * c, d)
+      h = jnp.einsum("ECD,EDF->ECF", buf, w_up)
+      h = act(h) if w_gate is None else act(jnp.einsum("ECD,EDF->ECF", buf, w_gate)) * h
+      out = jnp.einsum("ECF,EFD->ECD", h, w_down)  # (E/ep, ep * C, D)
+      out = jnp.swapaxes(out.reshape(e // ep, ep, c, d), 0, 1)
+      out = jax.lax.all_to_all(out, "expert", 0, 0, tiled=True).reshape(e * c, d)
+      ys = out.at[dest].get(mode="fill", fill_value=0)
+      inv = jnp.zeros((n * k,), jnp.int32).at[order].set(jnp.arange(n * k, dtype=jnp.int32))
+      ya = ys[inv].reshape(k, n, d)
+      y = jnp.einsum("KND,NK->ND", ya, w.astype(ya.dtype))
+      dropped = jnp.sum((~keep & vf[token]).astype(jnp.float32))
+      sums = jax.lax.psum(stat_sums(logits, probs, idx, vf, dropped, e), token_axes)
+      return y.reshape(bl, tl, d), sums
+
+    smap = jax.shard_map(
+        body, mesh=mesh,
+        in_specs=(x_spec, PartitionSpec(*x_spec[:2]), PartitionSpec(), PartitionSpec(),
+                  w_spec, w_spec) + ((w_spec,) if self.w_gate is not None else ()),
+        out_specs=(x_spec, PartitionSpec()), check_vma=False)
+    with use_mesh(None):
+      y, sums = smap(x, valid, bias, *ws)
+    if self.shared is not None:
+      y = y + self.shared(x)
+    return y, layer_stats(sums, k, bias)
 
 
-def layer_stats(logits, probs, idx, valid, dropped, num_experts, bias=None) -> dict:
-  """One MoE layer's statistics over its valid tokens (scalars unless noted):
+def stat_sums(logits, probs, idx, valid, dropped, num_experts) -> dict:
+  """One MoE layer's additive statistics over its valid tokens: load (E,) assignments per
+  expert, prob (E,) summed router probabilities, z summed logsumexp(logits)^2, tokens,
+  dropped. Sums, so shards of the tokens combine by adding (the expert-parallel path)."""
+  vf = valid.astype(jnp.float32)
+  k = idx.shape[1]
+  load = jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(jnp.repeat(vf, k))
+  return {"load": load, "prob": jnp.sum(probs * vf[:, None], axis=0),
+          "z": jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * vf), "tokens": jnp.sum(vf),
+          "dropped": dropped}
+
+
+def layer_stats(sums: dict, top_k: int, bias: jax.Array | None = None) -> dict:
+  """One MoE layer's statistics from its `stat_sums` (scalars unless noted):
   balance = E * sum_e f_e P_e, z = mean logsumexp(logits)^2, load (E,) = assignments per
   expert, dropped / assigned = assignments dropped / made, bias_grad = the zero-valued
   term that gives a sigmoid router's bias its balancing gradient (module docstring)."""
-  vf = valid.astype(jnp.float32)
-  n_valid = jnp.maximum(jnp.sum(vf), 1.0)
-  k = idx.shape[1]
-  load = jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(
-      jnp.repeat(vf, k))  # (E,)
-  f = load / (n_valid * k)
-  p = jnp.sum(probs * vf[:, None], axis=0) / n_valid
-  z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * vf) / n_valid
+  load = sums["load"]
+  num_experts = load.shape[0]
+  n_valid = jnp.maximum(sums["tokens"], 1.0)
+  f = load / (n_valid * top_k)
+  p = sums["prob"] / n_valid
   if bias is None:
     bias_grad = jnp.zeros((), jnp.float32)
   else:
     term = jnp.sum(bias * jax.lax.stop_gradient(f - 1.0 / num_experts))
     bias_grad = term - jax.lax.stop_gradient(term)
-  return {"balance": num_experts * jnp.sum(f * p), "z": z, "load": load, "dropped": dropped,
-          "assigned": n_valid * k, "bias_grad": bias_grad}
+  return {"balance": num_experts * jnp.sum(f * p), "z": sums["z"] / n_valid, "load": load,
+          "dropped": sums["dropped"], "assigned": n_valid * top_k, "bias_grad": bias_grad}
 
 
 def aux_sums(stats: dict, cfg: ModelConfig, n_valid: jax.Array) -> tuple[dict, dict]:
