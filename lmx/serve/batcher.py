@@ -149,45 +149,50 @@ class Batcher:
     return groups
 
   def _decode(self, group: list[Job]) -> None:
-    longest = max(len(j.prompt) for j in group)
-    want = max(j.max_new for j in group)
-    max_new = max(want, min(-(-want // MAX_NEW_BUCKET) * MAX_NEW_BUCKET,
-                            self.context - longest))
-    opts = group[0].options
-    if opts.temperature > 0 and not group[0].seeded:
-      opts = dataclasses.replace(opts, seed=random.getrandbits(31))
-    prompts = [j.prompt for j in group]
-    if not group[0].seeded:  # pad rows: copies of the shortest prompt
-      short = min(prompts, key=len)
-      prompts += [short] * (_batch_rows(len(group), self.max_batch) - len(group))
-    # Non-streaming rows come back at the first chunk boundary at or after their end: the
-    # shortest max_tokens is one (the bucket's extra columns then never run).
-    chunk = STREAM_CHUNK if any(j.streaming for j in group) else min(j.max_new for j in group)
     sent = [0] * len(group)
     live = [True] * len(group)
-    self.calls += 1
-    self.rows += len(group)
     try:
-      for c in stream(self.model, prompts, max_new, opts, chunk=chunk):
-        for i, job in enumerate(group):
-          if not live[i]:
-            continue
-          toks = c.tokens[i][:job.max_new - sent[i]]
-          lps = c.logprobs[i][:len(toks)]
-          sent[i] += len(toks)
-          if toks:
-            job.emit(("tokens", toks, lps))
-          if c.done[i] and c.finish_reason[i] == "stop" and sent[i] <= job.max_new \
-             and len(toks) == len(c.tokens[i]):
-            live[i] = False
-            job.emit(("done", "stop"))
-          elif sent[i] >= job.max_new or c.done[i]:
-            live[i] = False
-            job.emit(("done", "length"))
-        if not any(live):
-          break
+      self._stream(group, sent, live)
     except Exception as e:  # one bad call must not stop the server
       traceback.print_exc(file=sys.stderr)
       for i, job in enumerate(group):
         if live[i]:
           job.emit(("error", f"decoding failed: {e}"))
+
+  def _stream(self, group: list[Job], sent: list[int], live: list[bool]) -> None:
+    """One engine call for the group; rows' tokens go to their jobs as chunks arrive."""
+    longest = max(len(j.prompt) for j in group)
+    want = max(j.max_new for j in group)
+    max_new = max(want, min(-(-want // MAX_NEW_BUCKET) * MAX_NEW_BUCKET,
+                            self.context - longest))
+    opts = group[0].options
+    alone = group[0].seeded and opts.temperature > 0
+    if opts.temperature > 0 and not alone:  # unseeded sampling: a fresh seed per call
+      opts = dataclasses.replace(opts, seed=random.getrandbits(31))
+    prompts = [j.prompt for j in group]
+    if not alone:  # pad rows: copies of the shortest prompt
+      short = min(prompts, key=len)
+      prompts += [short] * (_batch_rows(len(group), self.max_batch) - len(group))
+    # Non-streaming rows come back at the first chunk boundary at or after their end: the
+    # shortest max_tokens is one (the bucket's extra columns then never run).
+    chunk = STREAM_CHUNK if any(j.streaming for j in group) else min(j.max_new for j in group)
+    self.calls += 1
+    self.rows += len(group)
+    for c in stream(self.model, prompts, max_new, opts, chunk=chunk):
+      for i, job in enumerate(group):
+        if not live[i]:
+          continue
+        toks = c.tokens[i][:job.max_new - sent[i]]
+        lps = c.logprobs[i][:len(toks)]
+        sent[i] += len(toks)
+        if toks:
+          job.emit(("tokens", toks, lps))
+        if c.done[i] and c.finish_reason[i] == "stop" and sent[i] <= job.max_new \
+           and len(toks) == len(c.tokens[i]):
+          live[i] = False
+          job.emit(("done", "stop"))
+        elif sent[i] >= job.max_new or c.done[i]:
+          live[i] = False
+          job.emit(("done", "length"))
+      if not any(live):
+        break
