@@ -98,3 +98,19 @@ def test_import_generate_finetune_export(tmp_path, capsys, monkeypatch):
   assert np.abs(lmx_logits - want).max() > 1e-3  # training moved the weights
   np.testing.assert_allclose(got_hf, lmx_logits, rtol=0, atol=1e-4)
   assert hf.load_tokenizer(out).encode("def f") == tok.encode("def f").ids
+
+  # A LoRA run on the imported base exports merged: transformers = lmx with adapters.
+  lora = over + [f"--config.run_dir={tmp_path}/lora", "--config.peft.method=lora",
+                 "--config.train.steps=3", "--config.train.learning_rate=0.03"]
+  assert loop.cli_main(lora) == 0
+  assert convert.cli_main(["--from", str(tmp_path / "lora"), "--to_hf", str(out / "lora"),
+                           "--no_tokenizer"] + lora) == 0
+  lora_exp, _ = load_experiment(lora)
+  adapted = Transformer(lora_exp.model, rngs=nnx.Rngs(0))
+  restore_params(lora_exp, adapted)  # base from init_from + the trained adapters
+  lmx_logits = np.asarray(adapted(tokens))
+  assert np.abs(lmx_logits - want).max() > 1e-3  # the adapters changed something
+  back = transformers.AutoModelForCausalLM.from_pretrained(out / "lora").eval()
+  with torch.no_grad():
+    got_hf = back(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(got_hf, lmx_logits, rtol=0, atol=1e-4)

@@ -13,7 +13,8 @@ HF tokenizer files to RUN_DIR/hf_tokenizer/, and writes RUN_DIR/experiment.py: a
     lmx train --config=RUN_DIR/experiment.py --config.train.init_from=RUN_DIR \\
         --config.run_dir=runs/finetune --config.data.corpus=...
 
-work. Export needs the run's experiment: `lmx train` does not record it in the run
+work. A LoRA / QLoRA run is exported merged (its base from `train.init_from` plus
+(alpha/r) A B); other PEFT methods are refused. Export needs the run's experiment: `lmx train` does not record it in the run
 directory, so pass the same --config (and overrides) the run was trained with; a run made
 by import (or fine-tuned from one with its experiment.py) finds RUN_DIR/experiment.py.
 """
@@ -124,14 +125,21 @@ def export_hf(run_dir: str, hf_dir: str, exp, *, dtype: str = "float32",
   from lmx.interop.hf import UnsupportedModel, assign_params, to_pretrained
   from lmx.model.transformer import Transformer
   from lmx.train.init_from import read_params
-  if exp.peft.method:
-    raise UnsupportedModel(f"the run trained PEFT modules (peft.method={exp.peft.method!r}); "
-                           "Hugging Face checkpoints have no place for them, so merge them "
-                           "into the base weights before export.")
-  tree, source = read_params(run_dir)
   cfg = exp.model
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  assign_params(model, _plain(tree))  # checks every tensor's name and shape against cfg
+  if exp.peft.method in ("lora", "qlora"):  # base (train.init_from) + adapters, merged
+    from lmx.peft import merge_lora
+    from lmx.train.checkpoint import restore_params
+    model = Transformer(cfg, rngs=nnx.Rngs(exp.seed))
+    source = restore_params(exp, model, directory=run_dir)["source"]
+    merge_lora(model)
+  elif exp.peft.method:
+    raise UnsupportedModel(f"the run trained peft.method={exp.peft.method!r} modules, which "
+                           "neither a LLaMA nor a GPT-2 checkpoint can hold (LoRA and QLoRA "
+                           "runs are merged into the base and exported).")
+  else:
+    tree, source = read_params(run_dir)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    assign_params(model, _plain(tree))  # checks every tensor's name and shape against cfg
   out = pathlib.Path(hf_dir)
   files = to_pretrained(model, cfg, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
   if tokenizer:
