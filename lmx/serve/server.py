@@ -235,8 +235,9 @@ def cli_main(argv: Sequence[str]) -> int:
   parser.add_argument("--max_batch", type=int, default=16,
                       help="most requests decoded in one engine call (default 16)")
   parser.add_argument("--batch_wait_ms", type=float, default=10.0,
-                      help="how long the first queued request waits for others to batch "
-                           "with, while traffic is concurrent (default 10 ms)")
+                      help="the longest a queued request waits for others to batch with; "
+                           "it waits only until as many requests as the last engine call "
+                           "took are queued, so a lone client never waits (default 10 ms)")
   parser.add_argument("--model_name", default=None,
                       help="the name clients pass as `model` (default: the experiment name)")
   parser.add_argument("--graceful_timeout", type=float, default=10.0,
