@@ -74,7 +74,7 @@ def test_choice_counts_the_stop_token_but_does_not_show_it():
     ({"model": "m", "prompt": "ab", "max_tokens": 2.5}, 400, "max_tokens"),
     ({"model": "m", "prompt": "ab", "max_tokens": 2, "n": 2}, 400, "n"),
     ({"model": "m", "prompt": 5}, 400, "prompt"),
-    ({"model": "m", "prompt": [1, 99], "max_tokens": 2}, 400, "prompt"),  # id outside the vocab of 30
+    ({"model": "m", "prompt": [1, 99], "max_tokens": 2}, 400, "prompt"),  # 99 >= vocab 30
     ({"model": "m", "prompt": "ab", "max_tokens": 2, "logprobs": 5}, 400, "logprobs"),
     ({"model": "m", "prompt": "ab", "max_tokens": 2, "seed": 2**64}, 400, "seed"),
     ({"model": "m", "prompt": "ab", "max_tokens": 2, "stop": ["a", 3]}, 400, "stop"),
@@ -104,7 +104,8 @@ def test_batch_rows_and_groups():
   groups = b._groups(jobs)
   # greedy ignores the seed; unseeded sampling shares; seeded sampling runs alone;
   # 10 + 12 > 20 splits the last greedy job off.
-  assert [[[x is j for x in jobs].index(True) for j in g] for g in groups] == [[0, 1], [5], [2], [3], [4]]
+  index = [[[x is j for x in jobs].index(True) for j in g] for g in groups]
+  assert index == [[0, 1], [5], [2], [3], [4]]
 
 
 def dict_seed(opts, seed):

@@ -237,7 +237,8 @@ def cli_main(argv: Sequence[str]) -> int:
   parser.add_argument("--batch_wait_ms", type=float, default=10.0,
                       help="the longest a queued request waits for others to batch with; "
                            "it waits only until as many requests as the last engine call "
-                           "took are queued, so a lone client waits only on its first request (default 10 ms)")
+                           "took are queued, so a lone client waits only on its first "
+                           "request (default 10 ms)")
   parser.add_argument("--model_name", default=None,
                       help="the name clients pass as `model` (default: the experiment name)")
   parser.add_argument("--graceful_timeout", type=float, default=10.0,
