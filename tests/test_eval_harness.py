@@ -66,7 +66,9 @@ def _reference_score(model, ctx, cont, max_len):
 
 
 @pytest.mark.slow  # compiles the tiny model at several shapes
-def test_mc_scores_equal_per_row_reference(tiny_model):
+def test_mc_scores_equal_per_row_reference(tiny_model, monkeypatch):
+  # 12 (row, position) pairs per LM-head chunk: blocks of 3 rows x 24 run in 6 chunks of 4.
+  monkeypatch.setattr(harness, "_HEAD_CHUNK_TOKENS", 12)
   rng = np.random.default_rng(1)
   # (context, continuation) lengths; rows of equal total length share one reference compile.
   shapes = [(5, 2), (3, 4), (1, 6), (10, 4), (12, 2),
@@ -76,7 +78,8 @@ def test_mc_scores_equal_per_row_reference(tiny_model):
   got = harness.score_continuations(tiny_model, pairs, batch_size=3)  # padded last block
   want = [_reference_score(tiny_model, c, x, 24) for c, x in pairs]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  # The same rows scored one at a time (no neighbours, other widths) agree too.
+  # The same rows scored one at a time (no neighbours, other widths, one head chunk).
+  monkeypatch.setattr(harness, "_HEAD_CHUNK_TOKENS", 2048)
   alone = [harness.score_continuations(tiny_model, [p], batch_size=1)[0] for p in pairs[:2]]
   np.testing.assert_allclose(alone, want[:2], rtol=1e-5, atol=1e-5)
 

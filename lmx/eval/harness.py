@@ -44,21 +44,35 @@ from flax import nnx
 
 from lmx.eval import metrics
 from lmx.eval.tasks import GEN, MC, Task, load_task
+from lmx.train.loss import seq_chunk
 
 _WIDTH_BUCKET = 32  # MC row widths round up to a power of two >= this: few shapes compile
+_HEAD_CHUNK_TOKENS = 2048  # (row, position) pairs per LM-head chunk in MC scoring
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _continuation_logprobs(graphdef, state, inputs, targets, mask):
-  """inputs/targets int32 (B, W), mask float32 (B, W) -> (B,) sum over masked positions of
-  log p(target | inputs up to there), and (B,) whether every masked target is the argmax."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "step"))
+def _continuation_logprobs(graphdef, state, inputs, targets, mask, step):
+  """inputs/targets int32 (B, W), mask float32 (B, W) -> (B,) float32 sums over the masked
+  positions of log p(target | inputs up to there). The LM head runs `step` positions at a
+  time (a scan), so no (B, W, V) logits exist at once (lmx.train.loss does the same)."""
+  from lmx.model.transformer import head_logits
   model = nnx.merge(graphdef, state)
-  logits = model(inputs)  # (B, W, V) float32
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  tgt = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (B, W)
-  greedy = jnp.argmax(logits, axis=-1) == targets
-  return (jnp.sum(tgt * mask, axis=-1),
-          jnp.all(greedy | (mask == 0), axis=-1))
+  hidden = model.hidden(inputs)  # (B, W, D)
+  head = model.head_weight()  # (D, V)
+  b, w = inputs.shape
+
+  def chunks(x):  # (B, W, ...) -> (W/step, B, step, ...)
+    return jnp.moveaxis(x.reshape(b, w // step, step, *x.shape[2:]), 1, 0)
+
+  def one(total, chunk):
+    h, tg, m = chunk
+    logp = jax.nn.log_softmax(head_logits(h, head), axis=-1)  # (B, step, V) float32
+    tgt = jnp.take_along_axis(logp, tg[..., None], axis=-1)[..., 0]  # (B, step)
+    return total + jnp.sum(tgt * m, axis=-1), None
+
+  total, _ = jax.lax.scan(one, jnp.zeros((b,), jnp.float32),
+                          (chunks(hidden), chunks(targets), chunks(mask)))
+  return total
 
 
 def score_continuations(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -97,8 +111,9 @@ def score_continuations(model, pairs: Sequence[tuple[Sequence[int], Sequence[int
       inputs[b, :n] = ids[:-1]
       targets[b, :n] = ids[1:]
       mask[b, n - n_cont:n] = 1.0  # the continuation's targets
-    sums, _ = _continuation_logprobs(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets),
-                                     jnp.asarray(mask))
+    step = seq_chunk(width_b, w, _HEAD_CHUNK_TOKENS)
+    sums = _continuation_logprobs(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets),
+                                  jnp.asarray(mask), step)
     out[block] = np.asarray(sums, np.float64)[:len(block)]
   return out
 
