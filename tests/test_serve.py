@@ -154,9 +154,10 @@ def served(tmp_path_factory, chat_tokenizer):
 
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  log = open(tmp / "serve.log", "w")  # a file, not a pipe nobody reads (it could fill)
   proc = subprocess.Popen([sys.executable, "-m", "lmx.cli", "serve", *cfg, "--port", str(port),
                            "--batch_wait_ms", "150", "--max_batch", "8"],
-                          cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+                          cwd=ROOT, env=env, stderr=log)
   url = f"http://127.0.0.1:{port}"
   deadline = time.monotonic() + 120
   while True:
@@ -168,12 +169,13 @@ def served(tmp_path_factory, chat_tokenizer):
       pass
     if proc.poll() is not None or time.monotonic() > deadline:
       proc.kill()
-      pytest.fail(f"lmx serve did not start:\n{proc.stderr.read()}")
+      pytest.fail(f"lmx serve did not start:\n{(tmp / 'serve.log').read_text()}")
     time.sleep(0.3)
   yield url, model, tok, proc
   if proc.poll() is None:
     proc.kill()
     proc.wait()
+  log.close()
 
 
 @pytest.fixture(scope="module")
