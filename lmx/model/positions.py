@@ -3,10 +3,10 @@
 RoPE (Su et al. 2021) rotates each (q, k) feature pair by an angle proportional to the
 token position, so q_m . k_n depends only on m - n. lmx pairs feature i with feature
 i + Dh/2 (the "rotate half" layout of GPT-NeoX / LLaMA checkpoints), not adjacent features.
-Llama 3.1's `rope_scaling` (ModelConfig.rope_scaling='llama3') stretches the low
-frequencies only: wavelengths above original_max_len / low_freq_factor are divided by
-`factor`, those below original_max_len / high_freq_factor are kept, and the band between
-is interpolated, so short-range position detail survives a longer context.
+Llama 3.1's `rope_scaling` (ModelConfig.rope_scaling='llama3') slows the low frequencies
+only: a frequency whose wavelength exceeds original_max_len / low_freq_factor is divided by
+`factor`, one whose wavelength is below original_max_len / high_freq_factor is kept, and the
+band between is interpolated, so short-range position detail survives a longer context.
 """
 
 from __future__ import annotations
