@@ -23,11 +23,15 @@ run: $(BIN)/.core
 	$(BIN)/lmx train --config=experiments/default.py
 	$(BIN)/lmx generate --config=experiments/default.py
 
+# Two worker processes (pytest-xdist), one test module per worker at a time (module-scoped
+# fixtures such as a compiled model or a running server are built once); most of the suite
+# is XLA compilation, which is single-threaded, so two workers use both cores of the CI VM.
+PYTEST_WORKERS ?= 2
 test: $(BIN)/.test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope
 
 test-fast: $(BIN)/.test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope -m "not slow"
 
 bench: $(BIN)/.test
 	$(BIN)/python benchmarks/train_throughput.py
