@@ -58,33 +58,55 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmx.infer.sampling import apply_penalties, check_penalties, check_sampling_args, filter_logits
+from lmx.infer.sampling import (apply_penalties, apply_row_penalties, check_penalties,
+                                 check_sampling_args, filter_logits, filter_row_logits)
 from lmx.model.transformer import KVCache, Transformer
+
+
+ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+              "frequency_penalty", "presence_penalty", "min_new_tokens", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   """How to choose each token and when to stop. Hashable: the jit key, except `seed`,
-  `stop_ids` (only their number) and `min_new_tokens`, which are runtime inputs."""
-  temperature: float = 1.0  # 0 = greedy
-  top_k: int = 0  # keep the k most likely tokens; 0 disables
-  top_p: float = 1.0  # nucleus mass; 1 disables
-  min_p: float = 0.0  # keep p >= min_p * p_max; 0 disables
-  repetition_penalty: float = 1.0  # CTRL; 1 disables, > 1 discourages repeats
-  frequency_penalty: float = 0.0  # OpenAI: -= f * count of the token so far
-  presence_penalty: float = 0.0  # OpenAI: -= p if the token was generated before
+  `stop_ids` (only their number) and `min_new_tokens`, which are runtime inputs.
+
+  Every field in ROW_FIELDS may instead be a tuple with one value per prompt (per-row
+  settings: one call serves requests with different settings; see the module docstring).
+  A scalar applies to every row."""
+  temperature: float | tuple[float, ...] = 1.0  # 0 = greedy
+  top_k: int | tuple[int, ...] = 0  # keep the k most likely tokens; 0 disables
+  top_p: float | tuple[float, ...] = 1.0  # nucleus mass; 1 disables
+  min_p: float | tuple[float, ...] = 0.0  # keep p >= min_p * p_max; 0 disables
+  repetition_penalty: float | tuple[float, ...] = 1.0  # CTRL; 1 disables, > 1 discourages
+  frequency_penalty: float | tuple[float, ...] = 0.0  # OpenAI: -= f * count so far
+  presence_penalty: float | tuple[float, ...] = 0.0  # OpenAI: -= p if generated before
   stop_ids: tuple[int, ...] = ()  # a row stops at the first of these (included)
-  min_new_tokens: int = 0  # stop ids are masked until this many tokens were generated
-  seed: int = 0  # step i samples with fold_in(key(seed), i)
+  min_new_tokens: int | tuple[int, ...] = 0  # stop ids are masked until this many tokens
+  seed: int | tuple[int, ...] = 0  # step i samples with fold_in(key(seed), i)
 
   def validate(self, vocab_size: int) -> SamplingOptions:
-    check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
-    check_penalties(self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
+    for row in self.rows(max((len(getattr(self, f)) for f in ROW_FIELDS
+                              if isinstance(getattr(self, f), tuple)), default=1)):
+      check_sampling_args(row.temperature, row.top_k, row.top_p, row.min_p)
+      check_penalties(row.repetition_penalty, row.frequency_penalty, row.presence_penalty)
+      if row.min_new_tokens < 0:
+        raise ValueError(f"engine: min_new_tokens is {row.min_new_tokens}; it must be >= 0.")
     if any(not 0 <= t < vocab_size for t in self.stop_ids):
       raise ValueError(f"engine: stop_ids {self.stop_ids} must be in [0, {vocab_size}).")
-    if self.min_new_tokens < 0:
-      raise ValueError(f"engine: min_new_tokens is {self.min_new_tokens}; it must be >= 0.")
     return self
+
+  def rows(self, n: int) -> list[SamplingOptions]:
+    """The n rows' scalar settings (a scalar field repeats; a tuple must have n values)."""
+    for f in ROW_FIELDS:
+      v = getattr(self, f)
+      if isinstance(v, tuple) and len(v) != n:
+        raise ValueError(f"engine: {f} has {len(v)} per-row values; it needs one per prompt "
+                         f"({n}) or a single value.")
+    return [dataclasses.replace(self, **{f: getattr(self, f)[i] for f in ROW_FIELDS
+                                         if isinstance(getattr(self, f), tuple)})
+            for i in range(n)]
 
   @property
   def uses_counts(self) -> bool:
@@ -150,20 +172,80 @@ def choose_tokens(key: jax.Array, logits: jax.Array, step: jax.Array,
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class _RowPlan:
+  """The jit key of a per-row call: which stages its program has. The settings themselves
+  are runtime (B,) arrays (`_Rows`), so requests with new values reuse the program."""
+  sampled: bool  # some row has temperature > 0
+  penalties: bool  # some row has a penalty (counts are kept)
+  repetition: bool  # some row has a repetition penalty (prompt tokens are kept)
+  static_filter: tuple | None  # (top_k, top_p, min_p) shared by every sampled row, or
+  row_filter: bool  # the sampled rows' filters differ: sort + mask by rank per step
+
+  @property
+  def uses_counts(self) -> bool:
+    return self.penalties
+
+
+class _Rows(NamedTuple):
+  """Per-row settings, (B,) each, runtime inputs of a per-row call."""
+  temperature: jax.Array  # float32; 0 = greedy
+  top_k: jax.Array  # int32; >= V disables
+  top_p: jax.Array  # float32; 1 disables
+  log_min_p: jax.Array  # float32; -inf disables
+  repetition: jax.Array  # float32
+  frequency: jax.Array  # float32
+  presence: jax.Array  # float32
+  max_new: jax.Array  # int32: the row ends after this many tokens
+
+
+def choose_row_tokens(keys: jax.Array, logits: jax.Array, step: jax.Array,
+                      counts: jax.Array | None, prompt_seen: jax.Array | None,
+                      stop_ids: jax.Array, min_new: jax.Array, rows: _Rows,
+                      plan: _RowPlan) -> tuple[jax.Array, jax.Array]:
+  """`choose_tokens` with per-row settings and keys (B,): row b draws with
+  fold_in(keys[b], step) from its own (V,) logits, so its tokens do not depend on the other
+  rows (a row equals its prompt decoded alone with those scalar settings and that seed)."""
+  z = logits.astype(jnp.float32)
+  if plan.penalties:
+    seen = None if prompt_seen is None else prompt_seen | (counts > 0)
+    z = apply_row_penalties(z, counts, seen, rows.repetition, rows.frequency, rows.presence)
+  is_stop = jnp.zeros(z.shape[-1], bool).at[stop_ids].set(True)  # (V,)
+  z = jnp.where(is_stop[None] & (step < min_new)[:, None], -jnp.inf, z)
+  tokens = jnp.argmax(z, axis=-1).astype(jnp.int32)  # greedy rows
+  if plan.sampled:
+    t = rows.temperature
+    zs = z / jnp.where(t > 0, t, 1.0)[:, None]
+    if plan.static_filter is not None:
+      zs = filter_logits(zs, 1.0, *plan.static_filter)
+    elif plan.row_filter:
+      zs = filter_row_logits(zs, rows.top_k, rows.top_p, rows.log_min_p)
+    drawn = jax.vmap(lambda k, r: jax.random.categorical(jax.random.fold_in(k, step), r))(
+        keys, zs).astype(jnp.int32)
+    tokens = jnp.where(t > 0, drawn, tokens)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
 class _Fixed(NamedTuple):
   """Loop invariants: read by every step, never written (so never donated)."""
-  key: jax.Array  # the seed's key; step i draws with fold_in(key, i)
+  key: jax.Array  # the seed's key; step i draws with fold_in(key, i) ((B,) keys per row)
   stop_ids: jax.Array  # (S,) int32
-  min_new: jax.Array  # () int32: stop ids are masked while step < min_new
+  min_new: jax.Array  # () int32 ((B,) per row): stop ids are masked while step < min_new
   start: jax.Array  # (B,) int32 pad slots per row
   prompt_seen: jax.Array | None  # (B, V) bool prompt tokens, with a repetition penalty
+  rows: _Rows | None = None  # per-row settings (a per-row call), else None
 
 
 def _record(c: _Carry, logits: jax.Array, fixed: _Fixed, opts: SamplingOptions) -> _Carry:
   """Choose each row's token from raw logits (B, V) and write column c.step."""
   max_new = c.out.shape[1]
-  tok, lp = choose_tokens(fixed.key, logits, c.step, c.counts, fixed.prompt_seen,
-                          fixed.stop_ids, fixed.min_new, opts)
+  if fixed.rows is None:
+    tok, lp = choose_tokens(fixed.key, logits, c.step, c.counts, fixed.prompt_seen,
+                            fixed.stop_ids, fixed.min_new, opts)
+  else:
+    tok, lp = choose_row_tokens(fixed.key, logits, c.step, c.counts, fixed.prompt_seen,
+                                fixed.stop_ids, fixed.min_new, fixed.rows, opts)
   live = ~c.done
   out = c.out.at[:, c.step].set(jnp.where(live, tok, 0))
   logprobs = c.logprobs.at[:, c.step].set(jnp.where(live, lp, 0.0))
@@ -172,13 +254,16 @@ def _record(c: _Carry, logits: jax.Array, fixed: _Fixed, opts: SamplingOptions) 
     counts = counts.at[jnp.arange(tok.shape[0]), tok].add(live.astype(jnp.int32))
   hit = live & jnp.any(tok[:, None] == fixed.stop_ids[None], axis=-1)  # False when S == 0
   step = c.step + 1
+  done = c.done | hit | (step >= max_new)
+  if fixed.rows is not None:
+    done = done | (step >= fixed.rows.max_new)
   return c._replace(step=step, out=out, logprobs=logprobs, counts=counts,
-                    length=c.length + live.astype(jnp.int32),
-                    stopped=c.stopped | hit, done=c.done | hit | (step >= max_new))
+                    length=c.length + live.astype(jnp.int32), stopped=c.stopped | hit,
+                    done=done)
 
 
-def _start(model: Transformer, tokens, start, key, stop_ids, min_new, max_new: int,
-           opts: SamplingOptions) -> tuple[_Fixed, _Carry]:
+def _start(model: Transformer, tokens, start, key, stop_ids, min_new, rows, max_new: int,
+           opts: SamplingOptions | _RowPlan) -> tuple[_Fixed, _Carry]:
   """Prefill: tokens (B, P) left-padded, start (B,) pad slots per row -> the loop
   invariants and the carry after the first token (step 1)."""
   b, p = tokens.shape
@@ -193,11 +278,11 @@ def _start(model: Transformer, tokens, start, key, stop_ids, min_new, max_new: i
   prompt_seen = counts = None
   if opts.uses_counts:
     counts = jnp.zeros((b, v), jnp.int32)
-    if opts.repetition_penalty != 1.0:
+    if (opts.repetition if isinstance(opts, _RowPlan) else opts.repetition_penalty != 1.0):
       prompt_seen = jnp.zeros((b, v), jnp.int32).at[jnp.arange(b)[:, None], tokens].add(
           real.astype(jnp.int32)) > 0
   fixed = _Fixed(key=key, stop_ids=stop_ids, min_new=min_new, start=start,
-                 prompt_seen=prompt_seen)
+                 prompt_seen=prompt_seen, rows=rows)
   first = _Carry(step=jnp.zeros((), jnp.int32), cache=cache,
                  out=jnp.zeros((b, max_new), jnp.int32),
                  logprobs=jnp.zeros((b, max_new), jnp.float32),
@@ -207,7 +292,7 @@ def _start(model: Transformer, tokens, start, key, stop_ids, min_new, max_new: i
 
 
 def _advance(model: Transformer, fixed: _Fixed, c: _Carry, until: jax.Array,
-             opts: SamplingOptions) -> _Carry:
+             opts: SamplingOptions | _RowPlan) -> _Carry:
   """Run the loop from c.step until step == `until` (() int32, a runtime value: one
   compile serves every chunk) or every row is done."""
 
@@ -224,15 +309,15 @@ def _advance(model: Transformer, fixed: _Fixed, c: _Carry, until: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "opts"))
-def _start_jit(graphdef, state, tokens, start, key, stop_ids, min_new, *, max_new: int,
-               opts: SamplingOptions) -> tuple[_Fixed, _Carry]:
-  return _start(nnx.merge(graphdef, state), tokens, start, key, stop_ids, min_new, max_new,
-                opts)
+def _start_jit(graphdef, state, tokens, start, key, stop_ids, min_new, rows=None, *,
+               max_new: int, opts: SamplingOptions | _RowPlan) -> tuple[_Fixed, _Carry]:
+  return _start(nnx.merge(graphdef, state), tokens, start, key, stop_ids, min_new, rows,
+                max_new, opts)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("carry",))
 def _advance_jit(graphdef, state, fixed: _Fixed, carry: _Carry, until, *,
-                 opts: SamplingOptions) -> _Carry:
+                 opts: SamplingOptions | _RowPlan) -> _Carry:
   """The carry is donated: the cache and the output buffers are updated in place across
   calls (a stream's chunks), never copied."""
   return _advance(nnx.merge(graphdef, state), fixed, carry, until, opts)
@@ -277,11 +362,46 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 1,
   return tokens, start
 
 
-def _begin(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           options: SamplingOptions, prompt_bucket: int):
-  """Validate, pad and prefill -> (graphdef, state, static options, fixed, carry at step 1);
-  nothing is synced to the host."""
+def _row_plan(options: SamplingOptions, n: int, vocab: int, per_row_max: bool):
+  """Scalar settings -> None (the static path). Per-row ones -> (options with every field
+  that is the same on all rows collapsed to a scalar, _RowPlan, rows), or None when nothing
+  differs across rows. A seed tuple stays per row (row b draws with its own key) unless
+  n == 1."""
+  same = {}
+  for f in ROW_FIELDS:
+    v = getattr(options, f)
+    if isinstance(v, tuple) and (len(set(v)) == 1 and (f != "seed" or n == 1)):
+      same[f] = v[0]
+  options = dataclasses.replace(options, **same)
+  if not per_row_max and not any(isinstance(getattr(options, f), tuple) for f in ROW_FIELDS):
+    return None
+  rows = options.rows(n)
+  sampled = [r for r in rows if r.temperature > 0]
+  filters = {(min(r.top_k or vocab, vocab), r.top_p, r.min_p) for r in sampled}
+  static_filter = None
+  if len(filters) == 1 and filters != {(vocab, 1.0, 0.0)}:
+    static_filter = next(iter(filters))
+  plan = _RowPlan(sampled=bool(sampled), penalties=any(r.uses_counts for r in rows),
+                  repetition=any(r.repetition_penalty != 1.0 for r in rows),
+                  static_filter=static_filter, row_filter=len(filters) > 1)
+  return options, plan, rows
+
+
+def _begin(model: Transformer, prompts: Sequence[Sequence[int]],
+           max_new_tokens: int | Sequence[int], options: SamplingOptions, prompt_bucket: int):
+  """Validate, pad and prefill -> (graphdef, state, static options or _RowPlan, fixed, carry
+  at step 1, max_new bound); nothing is synced to the host."""
   vocab = model.cfg.vocab_size
+  per_row_max = None
+  if not isinstance(max_new_tokens, int):  # one limit per row; the loop bound is the largest
+    per_row_max = list(max_new_tokens)
+    if len(per_row_max) != len(prompts) or any(not isinstance(m, int) or m < 1
+                                               for m in per_row_max):
+      raise ValueError(f"engine: max_new_tokens is {max_new_tokens!r}; it must be an int >= 1 "
+                       f"or one such int per prompt ({len(prompts)}).")
+    max_new_tokens = max(per_row_max)
+    if len(set(per_row_max)) == 1:
+      per_row_max = None
   prompts = check_prompts("engine", prompts, vocab, max_new_tokens)
   options.validate(vocab)
   longest = max(len(q) for q in prompts)
@@ -294,22 +414,46 @@ def _begin(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
                        f"{model.cfg.max_seq_len} (learned position table).")
   tokens, start = pad_prompts(prompts, prompt_bucket, limit)
   graphdef, state = nnx.split(model)
-  static = dataclasses.replace(options, seed=0, stop_ids=(), min_new_tokens=0)
+  stop_ids = jnp.asarray(options.stop_ids, jnp.int32).reshape(-1)
+  per_row = _row_plan(options, len(prompts), vocab, per_row_max is not None)
+  if per_row is None:  # the static path: one setting for every row
+    static = dataclasses.replace(options, seed=0, stop_ids=(), min_new_tokens=0)
+    fixed, carry = _start_jit(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(start), jax.random.key(options.seed),
+        stop_ids, jnp.asarray(options.min_new_tokens, jnp.int32), max_new=max_new_tokens,
+        opts=static)
+    return graphdef, state, static, fixed, carry, max_new_tokens
+  options, plan, rows = per_row
+  f32 = lambda xs: jnp.asarray(np.asarray(xs, np.float32))  # noqa: E731
+  sampled = [r.temperature > 0 for r in rows]
+  row_arrays = _Rows(
+      temperature=f32([r.temperature for r in rows]),
+      top_k=jnp.asarray([min(r.top_k or vocab, vocab) if s else vocab
+                         for r, s in zip(rows, sampled)], jnp.int32),
+      top_p=f32([r.top_p if s else 1.0 for r, s in zip(rows, sampled)]),
+      log_min_p=f32([np.log(np.float64(r.min_p)) if s and r.min_p > 0 else -np.inf
+                     for r, s in zip(rows, sampled)]),
+      repetition=f32([r.repetition_penalty for r in rows]),
+      frequency=f32([r.frequency_penalty for r in rows]),
+      presence=f32([r.presence_penalty for r in rows]),
+      max_new=jnp.asarray(per_row_max or [max_new_tokens] * len(rows), jnp.int32))
+  keys = jnp.stack([jax.random.key(r.seed) for r in rows])
   fixed, carry = _start_jit(
-      graphdef, state, jnp.asarray(tokens), jnp.asarray(start), jax.random.key(options.seed),
-      jnp.asarray(options.stop_ids, jnp.int32).reshape(-1),
-      jnp.asarray(options.min_new_tokens, jnp.int32), max_new=max_new_tokens, opts=static)
-  return graphdef, state, static, fixed, carry
+      graphdef, state, jnp.asarray(tokens), jnp.asarray(start), keys, stop_ids,
+      jnp.asarray([r.min_new_tokens for r in rows], jnp.int32), row_arrays,
+      max_new=max_new_tokens, opts=plan)
+  return graphdef, state, plan, fixed, carry, max_new_tokens
 
 
-def decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def decode(model: Transformer, prompts: Sequence[Sequence[int]],
+           max_new_tokens: int | Sequence[int],
            options: SamplingOptions = SamplingOptions(), *,
            prompt_bucket: int = 8) -> DecodeResult:
   """Continue each prompt (a list of ids; lengths may differ) by up to `max_new_tokens`
   tokens: prefill, then ONE loop to the end; the host syncs once. See the module
   docstring for the semantics."""
-  graphdef, state, static, fixed, c = _begin(model, prompts, max_new_tokens, options,
-                                             prompt_bucket)
+  graphdef, state, static, fixed, c, max_new_tokens = _begin(model, prompts, max_new_tokens,
+                                                             options, prompt_bucket)
   c = _advance_jit(graphdef, state, fixed, c, jnp.int32(max_new_tokens), opts=static)
   out, logprobs, length, stopped, steps = jax.device_get(
       (c.out, c.logprobs, c.length, c.stopped, c.step))
@@ -332,7 +476,8 @@ class StreamChunk:
   steps: int
 
 
-def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def stream(model: Transformer, prompts: Sequence[Sequence[int]],
+           max_new_tokens: int | Sequence[int],
            options: SamplingOptions = SamplingOptions(), *, chunk: int = 16,
            prompt_bucket: int = 8) -> Iterator[StreamChunk]:
   """`decode`, yielded every `chunk` token columns: the same programs (prefill, then the
@@ -343,8 +488,8 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
   soon as every row is done (no empty trailing chunk)."""
   if not isinstance(chunk, int) or chunk < 1:
     raise ValueError(f"engine: chunk is {chunk!r}; it must be an int >= 1.")
-  graphdef, state, static, fixed, c = _begin(model, prompts, max_new_tokens, options,
-                                             prompt_bucket)
+  graphdef, state, static, fixed, c, max_new_tokens = _begin(model, prompts, max_new_tokens,
+                                                             options, prompt_bucket)
   width = min(chunk, max_new_tokens)
   lo = 0  # the first column not yet sent
   while True:

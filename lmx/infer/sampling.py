@@ -114,3 +114,43 @@ def sample_token(rng: jax.Array, logits: jax.Array, temperature: float = 1.0,
     return greedy(logits)
   filtered = filter_logits(logits, temperature, top_k, top_p, min_p)
   return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------ per-row settings
+# The same stages with a RUNTIME setting per row ((B,) arrays), for one engine call that
+# serves requests with different settings (`lmx.infer.engine`, the server's batcher).
+# Disabled values: repetition 1, frequency / presence 0, top_k >= V, top_p 1, log_min_p -inf.
+
+
+def apply_row_penalties(logits: jax.Array, counts: jax.Array, seen: jax.Array | None,
+                        repetition: jax.Array, frequency: jax.Array,
+                        presence: jax.Array) -> jax.Array:
+  """`apply_penalties` with (B,) float32 settings; seen None skips the repetition stage (no
+  row has one). A disabled row's logits come back bit for bit (l / 1, l - 0)."""
+  logits = logits.astype(jnp.float32)
+  if seen is not None:
+    r = repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+  return (logits - frequency[:, None] * counts.astype(jnp.float32)
+          - presence[:, None] * (counts > 0).astype(jnp.float32))
+
+
+def filter_row_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                      log_min_p: jax.Array) -> jax.Array:
+  """`filter_logits` after temperature, with (B,) settings: top_k int32 (>= V disables),
+  top_p float32 (>= 1 disables), log_min_p float32 (log(min_p); -inf disables).
+
+  k is a runtime value, so there is no static `lax.top_k`: each row is sorted once
+  (descending, ties to the lower id as `filter_logits`) and masked by rank."""
+  logits = logits.astype(jnp.float32)
+  b, v = logits.shape
+  neg, order = jax.lax.sort((-logits, jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))),
+                            dimension=1, num_keys=1, is_stable=True)
+  in_k = jnp.arange(v)[None] < top_k[:, None]
+  probs = jax.nn.softmax(jnp.where(in_k, -neg, -jnp.inf), axis=-1)  # renormalized over top k
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = in_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+  kept = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(keep)
+  logits = jnp.where(kept, logits, -jnp.inf)
+  floor = jnp.max(logits, axis=-1, keepdims=True) + log_min_p[:, None]
+  return jnp.where(logits >= floor, logits, -jnp.inf)
