@@ -48,7 +48,7 @@ def test_count_params_equals_tree(name):
     assert count_model_params(tree) == accounting.count_params(cfg).params
 
 
-@pytest.mark.parametrize("arg", ["moe", "dense", "capacity", "mixtral_8x7b"])
+@pytest.mark.parametrize("arg", ["moe", "dense", "dropless", "mixtral_8x7b"])
 def test_presets_count_equals_tree(arg):
   cfg = _experiment(arg).model
   tree = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
