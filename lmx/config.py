@@ -198,6 +198,9 @@ class ModelConfig:
     if self.moe.num_experts and self.use_bias:
       _fail("model.use_bias", "is True but MoE experts have no biases; set model.use_bias=False "
             "or model.moe.num_experts=0")
+    if self.moe.num_experts and self.quant:
+      _fail("model.quant", f"is {self.quant!r} but quantizing MoE expert weights is not "
+            "supported yet; use model.quant='' with model.moe.num_experts > 0")
     _choice("model.quant", self.quant, ("", "int8", "int4", "nf4"))
     _choice("model.kv_cache_dtype", self.kv_cache_dtype, ("", "int8"))
     if self.quant in ("int4", "nf4"):
@@ -600,6 +603,9 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> Experiment:
     if m.pipeline > 1 or m.dcn_pipeline > 1:
       _fail("mesh.pipeline", f"is {m.pipeline} but MoE models do not run pipelined yet (the "
             "pipeline drops the router losses); use mesh.pipeline=1")
+    if exp.peft.method:
+      _fail("peft.method", f"is {exp.peft.method!r} but PEFT does not reach MoE experts yet; "
+            "use peft.method='' (or train.trainable to freeze parts) with model.moe")
     ep = m.expert * m.dcn_expert
     if ep > 0 and exp.model.moe.num_experts % ep:
       _fail("model.moe.num_experts", f"is {exp.model.moe.num_experts}; it must be a multiple "

@@ -211,6 +211,8 @@ def _exp(**over):
     ({"mesh.pipeline": 2}, "mesh.pipeline"),
     ({"model.use_bias": True}, "model.use_bias"),
     ({"model.moe.every_n_layers": 3}, "model.moe.every_n_layers"),
+    ({"model.quant": "int8"}, "model.quant"),
+    ({"peft.method": "lora"}, "peft.method"),
 ])
 def test_bad_config_fails_with_one_sentence(over, field):
   with pytest.raises(ConfigError) as e:
