@@ -213,3 +213,20 @@ def test_attention_bf16_runs_and_keeps_dtype():
   out = _run(attn, x, jnp.zeros((1, 4), jnp.int32))
   assert out.dtype == jnp.bfloat16
   assert attn.wq.get_value().dtype == jnp.float32
+
+
+@pytest.mark.slow  # compiles a sharded gradient
+def test_blocked_attention_keeps_the_tensor_split():
+  """Under data x tensor sharding (8 fake devices) the blocked kernel runs on each device's
+  own heads: no all-gather in the compiled gradient. Reshaping batch and kv heads into one
+  axis made XLA gather q, k and v everywhere (24 all-gathers, 2.3x the temp memory)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  mesh = jax.make_mesh((4, 2), ("data", "tensor"))
+  sh = NamedSharding(mesh, PartitionSpec("data", None, "tensor", None))
+  shapes = [jax.ShapeDtypeStruct((8, 32, n, 16), jnp.float32) for n in (4, 2, 2)]
+  f = jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(blocked_causal_attention(q, k, v,
+                                                                                  block=8))),
+                         argnums=(0, 1, 2))
+  hlo = jax.jit(f, in_shardings=(sh,) * 3, out_shardings=(None, (sh,) * 3)).lower(
+      *shapes).compile().as_text()
+  assert hlo.count("all-gather") == 0 and hlo.count("all-to-all") == 0

@@ -115,8 +115,11 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   block = block or query_block(t)
   # (B, T, N, H) -> (B, K, G, T, H): query head n reads kv head n // G.
   qg = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
-  kt = k.transpose(0, 2, 1, 3).reshape(b * kh, t, h)  # (B*K, S, H)
-  vt = v.transpose(0, 2, 1, 3).reshape(b * kh, t, h)
+  # Batch and kv heads stay two dimensions (XLA merges them into one dot batch itself):
+  # a reshape to B*K would merge a `data`-sharded and a `tensor`-sharded axis, which the
+  # partitioner can only do by gathering q, k and v onto every device.
+  kt = k.transpose(0, 2, 1, 3)  # (B, K, S, H)
+  vt = v.transpose(0, 2, 1, 3)
   outs = []
   for lo in range(0, t, block):
     hi = min(lo + block, t)
@@ -125,11 +128,12 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     allowed = allowed[None, None, None]  # (1, 1, 1, rows, hi)
     if mask is not None:
       allowed = allowed & mask[:, :, None, lo:hi, :hi]  # (B, 1, 1, rows, hi)
-    qi = qg[:, :, :, lo:hi].reshape(b * kh, g * rows, h)
-    scores = jnp.einsum("bmh,bsh->bms", qi, kt[:, :hi], preferred_element_type=jnp.float32)
+    qi = qg[:, :, :, lo:hi].reshape(b, kh, g * rows, h)
+    scores = jnp.einsum("bkmh,bksh->bkms", qi, kt[:, :, :hi],
+                        preferred_element_type=jnp.float32)
     scores = jnp.where(allowed, scores.reshape(b, kh, g, rows, hi), jnp.float32(-1e30))
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kh, g * rows, hi)
-    outs.append(jnp.einsum("bms,bsh->bmh", probs, vt[:, :hi]).reshape(b, kh, g, rows, h))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, g * rows, hi)
+    outs.append(jnp.einsum("bkms,bksh->bkmh", probs, vt[:, :, :hi]).reshape(b, kh, g, rows, h))
   out = jnp.concatenate(outs, axis=3)  # (B, K, G, T, H)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
