@@ -162,6 +162,8 @@ def test_mixed_settings_batch_equals_each_row_alone(model):
   assert mixed.tokens[1] != greedy[0] and mixed.tokens[2] != greedy[1]
   rev = decode(model, PROMPTS[::-1], MAX_NEW, _mixed(ROWS[::-1]))
   assert rev.tokens[::-1] == mixed.tokens
+  # one row given as 1-tuples: the static path, the same tokens as the scalars
+  assert decode(model, PROMPTS[1:2], MAX_NEW, _mixed(ROWS[1:2])).tokens == alone[1].tokens
   chunks = list(stream(model, PROMPTS, MAX_NEW, _mixed(ROWS), chunk=3))
   assert [sum((c.tokens[i] for c in chunks), []) for i in range(3)] == mixed.tokens
 

@@ -98,14 +98,18 @@ def test_batch_rows_and_groups():
   b.context = 20
   greedy = SamplingOptions(temperature=0.0, stop_ids=(3,))
   hot = SamplingOptions(temperature=1.0, stop_ids=(3,), seed=5)
+  chat = SamplingOptions(temperature=0.5, top_k=4, stop_ids=(3, 9))
   jobs = [Job([1] * 4, 4, greedy, None), Job([1] * 3, 4, dict_seed(greedy, 9), None, True),
           Job([1] * 4, 4, hot, None), Job([1] * 4, 4, hot, None, seeded=True),
-          Job([1] * 4, 4, hot, None, seeded=True), Job([1] * 10, 12, greedy, None)]
+          Job([1] * 4, 4, chat, None), Job([1] * 4, 4, hot, None, seeded=True),
+          Job([1] * 10, 12, greedy, None)]
   groups = b._groups(jobs)
-  # greedy ignores the seed; unseeded sampling shares; seeded sampling runs alone;
+  # settings and seeds are per row: only the stop ids split groups (the chat job);
   # 10 + 12 > 20 splits the last greedy job off.
   index = [[[x is j for x in jobs].index(True) for j in g] for g in groups]
-  assert index == [[0, 1], [5], [2], [3], [4]]
+  assert index == [[0, 1, 2, 3, 5], [6], [4]]
+  # a row's seed: its own when seeded and sampled, 0 when greedy, fresh when unseeded
+  assert jobs[3].row_seed() == 5 and jobs[1].row_seed() == 0
 
 
 def dict_seed(opts, seed):
@@ -256,6 +260,37 @@ def test_seeded_sampling_equals_generate_with_that_seed(served, client):
                           return_logprobs=True)
   assert a.choices[0].text == b.choices[0].text == tok.decode(new)
   np.testing.assert_allclose(a.choices[0].logprobs.token_logprobs, lps, rtol=1e-5, atol=1e-5)
+
+
+MIXED = [dict(temperature=0), dict(temperature=1.0, top_k=5, seed=7),
+         dict(temperature=0.8, top_p=0.9, min_p=0.05, frequency_penalty=0.5, seed=1234),
+         dict(temperature=0, presence_penalty=1.0, repetition_penalty=1.2)]
+
+
+@pytest.mark.slow  # starts a server process and compiles decode programs
+def test_mixed_settings_requests_share_a_call_and_equal_each_alone(served, client):
+  """Greedy, seeded top-k, seeded top-p/min-p + penalty, greedy + penalties: sent together
+  they share engine calls (settings are per row), and each equals generate() alone."""
+  from lmx.infer.generate import generate
+  url, model, tok, _ = served
+
+  def ask(i):
+    extra = {k: v for k, v in MIXED[i].items() if k in ("top_k", "min_p", "repetition_penalty")}
+    std = {k: v for k, v in MIXED[i].items() if k not in extra}
+    r = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
+                                  logprobs=1, extra_body=extra, **std)
+    return r.choices[0].text, r.choices[0].logprobs.token_logprobs
+
+  calls = _engine_calls(url)
+  together = _in_parallel(ask, range(len(MIXED)))
+  assert _engine_calls(url) - calls < len(MIXED)  # mixed settings shared engine calls
+  for i, (text, lps) in enumerate(together):
+    kw = dict(MIXED[i])
+    kw["temperature"] = float(kw["temperature"])
+    [(new, ref_lps)] = generate(model, [[tok.bos_id] + tok.encode(PROMPTS[i])], MAX_TOKENS,
+                                eos_id=tok.eos_id, return_logprobs=True, **kw)
+    assert text == tok.decode(new), i
+    np.testing.assert_allclose(lps[:len(ref_lps)], ref_lps, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # starts a server process and compiles decode programs

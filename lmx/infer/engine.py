@@ -27,6 +27,17 @@ Design choices:
   are never copied to or from the host. The seed, the stop ids and min_new_tokens are
   runtime inputs (no recompile); temperature, top-k/p, min-p and the penalties are static
   (top-k needs a static k; the others select code paths).
+- Per-row settings (the server's batches): any of temperature, top_k, top_p, min_p, the
+  penalties, min_new_tokens and seed may be a tuple with one value per prompt, and
+  max_new_tokens a list (the static loop bound is the largest; a row ends at its own).
+  When some of them differ across rows, the call takes the per-row program: the values
+  are runtime (B,) arrays (`_Rows`), the jit key only says which stages exist
+  (`_RowPlan`), and row b draws with fold_in(key(seed_b), i) from its own (V,) logits,
+  so a row equals its prompt decoded alone with those settings as scalars, whatever
+  batch it shares. Top-k with a runtime k sorts each row once per step and masks by rank
+  (`filter_row_logits`); that runs only when the sampled rows' filters differ (shared
+  filters stay the static `filter_logits`). Uniform tuples collapse to scalars, so the
+  static program above is unchanged and still serves every call without per-row values.
 - The loop carry (`_Carry`): the cache, the output buffers (B, max_new) of tokens and
   log-probs, per-row lengths and done / stopped flags, the step counter, and per-row token
   counts (B, V) when a penalty needs them. Loop invariants (`_Fixed`: key, stop ids,
@@ -363,10 +374,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 1,
 
 
 def _row_plan(options: SamplingOptions, n: int, vocab: int, per_row_max: bool):
-  """Scalar settings -> None (the static path). Per-row ones -> (options with every field
-  that is the same on all rows collapsed to a scalar, _RowPlan, rows), or None when nothing
-  differs across rows. A seed tuple stays per row (row b draws with its own key) unless
-  n == 1."""
+  """-> (options with every per-row field that is the same on all rows collapsed to its
+  scalar, then _RowPlan and the rows' scalar settings, or None, None when nothing differs
+  across rows: the static path). A seed tuple stays per row (row b draws with its own
+  key) unless n == 1."""
   same = {}
   for f in ROW_FIELDS:
     v = getattr(options, f)
@@ -374,7 +385,7 @@ def _row_plan(options: SamplingOptions, n: int, vocab: int, per_row_max: bool):
       same[f] = v[0]
   options = dataclasses.replace(options, **same)
   if not per_row_max and not any(isinstance(getattr(options, f), tuple) for f in ROW_FIELDS):
-    return None
+    return options, None, None
   rows = options.rows(n)
   sampled = [r for r in rows if r.temperature > 0]
   filters = {(min(r.top_k or vocab, vocab), r.top_p, r.min_p) for r in sampled}
@@ -415,15 +426,14 @@ def _begin(model: Transformer, prompts: Sequence[Sequence[int]],
   tokens, start = pad_prompts(prompts, prompt_bucket, limit)
   graphdef, state = nnx.split(model)
   stop_ids = jnp.asarray(options.stop_ids, jnp.int32).reshape(-1)
-  per_row = _row_plan(options, len(prompts), vocab, per_row_max is not None)
-  if per_row is None:  # the static path: one setting for every row
+  options, plan, rows = _row_plan(options, len(prompts), vocab, per_row_max is not None)
+  if plan is None:  # the static path: one setting for every row
     static = dataclasses.replace(options, seed=0, stop_ids=(), min_new_tokens=0)
     fixed, carry = _start_jit(
         graphdef, state, jnp.asarray(tokens), jnp.asarray(start), jax.random.key(options.seed),
         stop_ids, jnp.asarray(options.min_new_tokens, jnp.int32), max_new=max_new_tokens,
         opts=static)
     return graphdef, state, static, fixed, carry, max_new_tokens
-  options, plan, rows = per_row
   f32 = lambda xs: jnp.asarray(np.asarray(xs, np.float32))  # noqa: E731
   sampled = [r.temperature > 0 for r in rows]
   row_arrays = _Rows(

@@ -8,13 +8,13 @@
       `lmx.infer.engine.stream`, and hand every row's new tokens to its job's `emit`.
 
 Design choices:
-- Groups, not per-row settings. The engine's sampling settings, seed and stop ids are one
-  per call (the settings are jit-static), so a group is the jobs with equal
-  SamplingOptions. Greedy jobs ignore the seed, so every greedy job with the same stop ids
-  shares a group. A sampled job WITH a seed runs alone (a batch of one, no pad rows): the
-  random draws of a row depend on the batch's shape, and alone it reproduces
-  `generate(..., seed=s)` exactly. Sampled jobs without a seed share a group and one fresh
-  seed.
+- Per-row settings. The engine takes temperature, top-k/p, min-p, penalties,
+  min_new_tokens and the seed per row (`SamplingOptions` fields as tuples), and a row's
+  random draws use its own key, so a group is every job with the same stop ids (they are
+  one list per call): greedy and sampled, seeded or not. A seeded job in a group
+  reproduces `generate(..., seed=s)` exactly, as alone; an unseeded sampled job gets a
+  fresh random seed of its own. When every row has the same settings (and no row samples
+  with its own seed) the engine takes its static path, as before per-row settings.
 - Fewer compiles. The engine compiles per (batch size, prompt bucket, max_new_tokens,
   settings). A group's row count is padded up to a power of two (capped at max_batch) with
   copies of its shortest prompt, and its max_new_tokens is rounded up to a multiple of 16
@@ -40,7 +40,7 @@ import time
 import traceback
 from typing import Callable
 
-from lmx.infer.engine import SamplingOptions, stream
+from lmx.infer.engine import ROW_FIELDS, SamplingOptions, stream
 
 MAX_NEW_BUCKET = 16
 STREAM_CHUNK = 8  # token columns per host sync when a group has a streaming job
@@ -57,10 +57,15 @@ class Job:
   streaming: bool = False
 
   def group_key(self):
-    opts = self.options
-    if opts.temperature == 0 or not self.seeded:
-      opts = dataclasses.replace(opts, seed=0)
-    return opts, (id(self) if self.seeded and self.options.temperature > 0 else None)
+    """Jobs with equal keys can share an engine call: only the stop ids must match."""
+    return self.options.stop_ids
+
+  def row_seed(self) -> int:
+    """The seed of this job's row: its own, a fresh one if unseeded, 0 when greedy (so
+    greedy rows never force per-row keys)."""
+    if self.options.temperature == 0:
+      return 0
+    return self.options.seed if self.seeded else random.getrandbits(31)
 
 
 def _batch_rows(n: int, max_batch: int) -> int:
@@ -165,14 +170,16 @@ class Batcher:
     want = max(j.max_new for j in group)
     max_new = max(want, min(-(-want // MAX_NEW_BUCKET) * MAX_NEW_BUCKET,
                             self.context - longest))
-    opts = group[0].options
-    alone = group[0].seeded and opts.temperature > 0
-    if opts.temperature > 0 and not alone:  # unseeded sampling: a fresh seed per call
-      opts = dataclasses.replace(opts, seed=random.getrandbits(31))
-    prompts = [j.prompt for j in group]
-    if not alone:  # pad rows: copies of the shortest prompt
-      short = min(prompts, key=len)
-      prompts += [short] * (_batch_rows(len(group), self.max_batch) - len(group))
+    # pad rows: copies of the job with the shortest prompt (its settings too, so a group
+    # with one setting keeps the engine's static path)
+    short = min(group, key=lambda j: len(j.prompt))
+    rows = group + [short] * (_batch_rows(len(group), self.max_batch) - len(group))
+    prompts = [j.prompt for j in rows]
+    seeds = [j.row_seed() for j in group]
+    seeds += [seeds[group.index(short)]] * (len(rows) - len(group))
+    opts = dataclasses.replace(
+        group[0].options, seed=tuple(seeds),
+        **{f: tuple(getattr(j.options, f) for j in rows) for f in ROW_FIELDS if f != "seed"})
     # Non-streaming rows come back at the first chunk boundary at or after their end: the
     # shortest max_tokens is one (the bucket's extra columns then never run).
     chunk = STREAM_CHUNK if any(j.streaming for j in group) else min(j.max_new for j in group)
