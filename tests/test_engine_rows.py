@@ -38,25 +38,30 @@ def np_filter(z, top_k, top_p, min_p):
   return keep
 
 
-def test_row_filters_equal_numpy_per_row():
+@pytest.mark.parametrize("width", [None, 16])
+def test_row_filters_equal_numpy_per_row(width):
   """Each row its own (top_k, top_p, min_p), incl. all-off and every stage removing tokens;
-  kept logits unchanged, the rest -inf."""
+  kept logits unchanged, the rest -inf. width 16 < V = 32: a top-k of the largest k (no row
+  has top-p without top-k), where a row with no filter keeps all 32 tokens."""
   rng = np.random.default_rng(7)
   settings = [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.2), (9, 0.85, 0.1),
-              (1, 0.5, 0.0)]
-  z = rng.normal(size=(len(settings), 16)) * 1.5
+              (1, 0.5, 0.0), (16, 0.9, 0.0)]
+  if width is not None:
+    settings = [s for s in settings if s[0] or s[1] == 1.0]
+  z = rng.normal(size=(len(settings), 32)) * 1.5
   z[0, 3] = z[0, 4]  # a tie: the lower id ranks first
-  k = jnp.asarray([s[0] or 16 for s in settings], jnp.int32)
+  k = jnp.asarray([s[0] or 32 for s in settings], jnp.int32)
   p = jnp.asarray([s[1] for s in settings], jnp.float32)
   log_min_p = jnp.asarray([np.log(s[2]) if s[2] else -np.inf for s in settings], jnp.float32)
-  got = np.asarray(jax.jit(filter_row_logits)(jnp.asarray(z, jnp.float32), k, p, log_min_p))
+  got = np.asarray(jax.jit(filter_row_logits, static_argnums=4)(
+      jnp.asarray(z, jnp.float32), k, p, log_min_p, width))
   sizes = []
   for b, (top_k, top_p, min_p) in enumerate(settings):
     keep = np_filter(z[b], top_k, top_p, min_p)
     sizes.append(int(keep.sum()))
     np.testing.assert_array_equal(np.isfinite(got[b]), keep, err_msg=f"row {b}")
     np.testing.assert_allclose(got[b][keep], z[b][keep], rtol=1e-6)
-  assert sizes[0] == 16 and sizes[5] == 1 and all(1 < n < 16 for n in sizes[1:5])
+  assert sizes[0] == 32 and 1 in sizes and all(1 < n < 32 for n in sizes[1:] if n != 1)
 
 
 def test_row_filter_top_k_breaks_ties_by_lower_id():
@@ -99,7 +104,7 @@ def test_row_draws_follow_each_rows_masked_distribution():
                repetition=jnp.ones(3), frequency=jnp.zeros(3), presence=jnp.zeros(3),
                max_new=jnp.full(3, 8, jnp.int32))
   plan = _RowPlan(sampled=True, penalties=False, repetition=False, static_filter=None,
-                  row_filter=True)
+                  row_filter=True, rank_width=8)
 
   @jax.jit
   def draw(seed):
@@ -180,3 +185,14 @@ def test_per_row_max_new_tokens_stop_each_row_at_its_own_limit(model):
   short = decode(model, PROMPTS, [2, 3, 1], S(temperature=0.0))
   assert short.steps == 3  # the loop ends when the longest row's own limit is reached
   assert short.tokens == [t[:n] for t, n in zip(full.tokens, [2, 3, 1])]
+
+
+@pytest.mark.slow  # compiles 4 engine programs
+def test_mixed_top_k_rows_equal_each_alone(model):
+  """Top-k rows only (no top-p): the per-row program takes a top-k of width 8, not a sort
+  of the vocabulary; a row without filters keeps every token."""
+  rows = [S(temperature=1.0, top_k=3, seed=1), S(temperature=1.2, top_k=7, min_p=0.1, seed=2),
+          S(temperature=1.0, seed=3)]
+  mixed = decode(model, PROMPTS, MAX_NEW, _mixed(rows))
+  assert mixed.tokens == [decode(model, [p], MAX_NEW, r).tokens[0]
+                          for p, r in zip(PROMPTS, rows)]

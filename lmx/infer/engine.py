@@ -34,9 +34,11 @@ Design choices:
   are runtime (B,) arrays (`_Rows`), the jit key only says which stages exist
   (`_RowPlan`), and row b draws with fold_in(key(seed_b), i) from its own (V,) logits,
   so a row equals its prompt decoded alone with those settings as scalars, whatever
-  batch it shares. Top-k with a runtime k sorts each row once per step and masks by rank
-  (`filter_row_logits`); that runs only when the sampled rows' filters differ (shared
-  filters stay the static `filter_logits`). Uniform tuples collapse to scalars, so the
+  batch it shares. Top-k with a runtime k takes each row's top `width` tokens once per
+  step and masks by rank (`filter_row_logits`; width = the largest k, rounded up to a
+  power of two, or the vocabulary if a row has top-p without top-k, as the static top-p
+  already does); that runs only when the sampled rows' filters differ (shared filters
+  stay the static `filter_logits`). Uniform tuples collapse to scalars, so the
   static program above is unchanged and still serves every call without per-row values.
 - The loop carry (`_Carry`): the cache, the output buffers (B, max_new) of tokens and
   log-probs, per-row lengths and done / stopped flags, the step counter, and per-row token
@@ -191,7 +193,8 @@ class _RowPlan:
   penalties: bool  # some row has a penalty (counts are kept)
   repetition: bool  # some row has a repetition penalty (prompt tokens are kept)
   static_filter: tuple | None  # (top_k, top_p, min_p) shared by every sampled row, or
-  row_filter: bool  # the sampled rows' filters differ: sort + mask by rank per step
+  row_filter: bool  # the sampled rows' filters differ: `filter_row_logits` per step
+  rank_width: int = 0  # its static top-k width (0: no row has top-k or top-p)
 
   @property
   def uses_counts(self) -> bool:
@@ -230,7 +233,7 @@ def choose_row_tokens(keys: jax.Array, logits: jax.Array, step: jax.Array,
     if plan.static_filter is not None:
       zs = filter_logits(zs, 1.0, *plan.static_filter)
     elif plan.row_filter:
-      zs = filter_row_logits(zs, rows.top_k, rows.top_p, rows.log_min_p)
+      zs = filter_row_logits(zs, rows.top_k, rows.top_p, rows.log_min_p, plan.rank_width)
     drawn = jax.vmap(lambda k, r: jax.random.categorical(jax.random.fold_in(k, step), r))(
         keys, zs).astype(jnp.int32)
     tokens = jnp.where(t > 0, drawn, tokens)
@@ -265,12 +268,13 @@ def _record(c: _Carry, logits: jax.Array, fixed: _Fixed, opts: SamplingOptions) 
     counts = counts.at[jnp.arange(tok.shape[0]), tok].add(live.astype(jnp.int32))
   hit = live & jnp.any(tok[:, None] == fixed.stop_ids[None], axis=-1)  # False when S == 0
   step = c.step + 1
+  length = c.length + live.astype(jnp.int32)
+  stopped = c.stopped | hit
   done = c.done | hit | (step >= max_new)
   if fixed.rows is not None:
     done = done | (step >= fixed.rows.max_new)
-  return c._replace(step=step, out=out, logprobs=logprobs, counts=counts,
-                    length=c.length + live.astype(jnp.int32), stopped=c.stopped | hit,
-                    done=done)
+  return c._replace(step=step, out=out, logprobs=logprobs, counts=counts, length=length,
+                    stopped=stopped, done=done)
 
 
 def _start(model: Transformer, tokens, start, key, stop_ids, min_new, rows, max_new: int,
@@ -392,9 +396,18 @@ def _row_plan(options: SamplingOptions, n: int, vocab: int, per_row_max: bool):
   static_filter = None
   if len(filters) == 1 and filters != {(vocab, 1.0, 0.0)}:
     static_filter = next(iter(filters))
+  # The rank stage's width: the vocabulary when a row has top-p without top-k (its
+  # nucleus may need every token), else the largest k rounded up to a power of two (fewer
+  # compiles; a top-k of the width, not a sort of the vocabulary, per step).
+  width = max((k for k, _, _ in filters if k < vocab), default=0)
+  if width:
+    width = min(1 << (width - 1).bit_length(), vocab)
+  if any(k >= vocab and p < 1.0 for k, p, _ in filters):
+    width = vocab
   plan = _RowPlan(sampled=bool(sampled), penalties=any(r.uses_counts for r in rows),
                   repetition=any(r.repetition_penalty != 1.0 for r in rows),
-                  static_filter=static_filter, row_filter=len(filters) > 1)
+                  static_filter=static_filter, row_filter=len(filters) > 1,
+                  rank_width=width if len(filters) > 1 else 0)
   return options, plan, rows
 
 

@@ -136,21 +136,25 @@ def apply_row_penalties(logits: jax.Array, counts: jax.Array, seen: jax.Array | 
 
 
 def filter_row_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                      log_min_p: jax.Array) -> jax.Array:
+                      log_min_p: jax.Array, width: int | None = None) -> jax.Array:
   """`filter_logits` after temperature, with (B,) settings: top_k int32 (>= V disables),
   top_p float32 (>= 1 disables), log_min_p float32 (log(min_p); -inf disables).
 
-  k is a runtime value, so there is no static `lax.top_k`: each row is sorted once
-  (descending, ties to the lower id as `filter_logits`) and masked by rank."""
+  k is a runtime value, so there is no `lax.top_k(k)`: each row's `width` most likely
+  tokens (static; default V) are taken once (descending, ties to the lower id as
+  `filter_logits`) and masked by rank. width must be >= every row's top_k, and V if a row
+  has top-p without top-k; a row with neither keeps every token. 0 skips the stage."""
   logits = logits.astype(jnp.float32)
   b, v = logits.shape
-  neg, order = jax.lax.sort((-logits, jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))),
-                            dimension=1, num_keys=1, is_stable=True)
-  in_k = jnp.arange(v)[None] < top_k[:, None]
-  probs = jax.nn.softmax(jnp.where(in_k, -neg, -jnp.inf), axis=-1)  # renormalized over top k
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = in_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))
-  kept = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(keep)
-  logits = jnp.where(kept, logits, -jnp.inf)
+  width = v if width is None else width
+  if width > 0:
+    ranked, order = jax.lax.top_k(logits, width)  # (B, width)
+    in_k = jnp.arange(width)[None] < top_k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)  # over the top k
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+    kept = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(keep)
+    kept = kept | ((top_k >= v) & (top_p >= 1.0))[:, None]  # rows without either filter
+    logits = jnp.where(kept, logits, -jnp.inf)
   floor = jnp.max(logits, axis=-1, keepdims=True) + log_min_p[:, None]
   return jnp.where(logits >= floor, logits, -jnp.inf)
