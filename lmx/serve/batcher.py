@@ -16,8 +16,9 @@ Design choices:
   fresh random seed of its own. When every row has the same settings (and no row samples
   with its own seed) the engine takes its static path, as before per-row settings.
 - Fewer compiles. The engine compiles per (batch size, prompt bucket, max_new_tokens,
-  settings). A group's row count is padded up to a power of two (capped at max_batch) with
-  copies of its shortest prompt, and its max_new_tokens is rounded up to a multiple of 16
+  the sampling stages the rows use; per-row values are runtime inputs). A group's row
+  count is padded up to a power of two (capped at max_batch) with copies of its shortest
+  job (prompt and settings), and its max_new_tokens is rounded up to a multiple of 16
   (within the context); each row is cut at its own max_tokens here, and the loop is
   resumed in chunks so it stops once every real row has ended. Rows are independent
   in the engine (left padding is masked), so padding changes no row's tokens.
