@@ -151,8 +151,23 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
     loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
     ok = loss_ok & grads_ok
     opt_in = to_device(state.opt_state, cfg.optimizer_memory)  # ZeRO-Offload: host -> device
-    updates, opt_state = optimizer.update(grads, opt_in, train_p)
-    params = join(optax.apply_updates(train_p, updates), frozen)
+
+    # The skip is a branch, not a select of old against new: `where(ok, new, old)` kept the
+    # old Adam moments alive past the update, so XLA copied every donated moment buffer at
+    # the top of the step. The branch divides by the loss scale itself so that XLA sees the
+    # same expression for the clip as before (bitwise the same updates as the select).
+    def update(operands):
+      g_sum, opt_in, train_p = operands
+      grads = constrain_grads(jax.tree.map(lambda g: g / state.loss_scale, g_sum),
+                              cfg.zero_stage)
+      updates, opt_state = optimizer.update(grads, opt_in, train_p)
+      return optax.apply_updates(train_p, updates), opt_state
+
+    def skip(operands):
+      return operands[2], operands[1]
+
+    new_p, opt_state = jax.lax.cond(ok, update, skip, (g_sum, opt_in, train_p))
+    params = join(new_p, frozen)
 
     if scaled:
       loss_scale, good_steps = update_loss_scale(state.loss_scale, state.good_steps, ok,
@@ -163,19 +178,14 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State | None,
       loss_scale, good_steps = state.loss_scale, state.good_steps
       absorbed = jnp.bool_(False)
     bad = ~ok & ~absorbed
-    new = TrainState(
-        params=params, opt_state=opt_state, step=state.step + 1, rng=rng,
+    # A skipped step also leaves the step counter and the RNG where they were.
+    out = TrainState(
+        params=params, opt_state=opt_state, step=jnp.where(ok, state.step + 1, state.step),
+        rng=_select(ok, rng, state.rng),
         loss_scale=loss_scale, good_steps=good_steps,
         consecutive_bad_steps=jnp.where(bad, state.consecutive_bad_steps + 1,
                                         jnp.where(ok, 0, state.consecutive_bad_steps)),
         total_bad_steps=state.total_bad_steps + bad.astype(jnp.int32))
-    kept = _select(ok, new.replace(consecutive_bad_steps=state.consecutive_bad_steps,
-                                   total_bad_steps=state.total_bad_steps,
-                                   loss_scale=state.loss_scale, good_steps=state.good_steps),
-                   state.replace(opt_state=opt_in))
-    out = kept.replace(loss_scale=new.loss_scale, good_steps=new.good_steps,
-                       consecutive_bad_steps=new.consecutive_bad_steps,
-                       total_bad_steps=new.total_bad_steps)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                "bad_step": bad, "skipped": ~ok, "loss_scale": state.loss_scale}
     for name, v in sums.items():
