@@ -196,3 +196,16 @@ def test_mixed_top_k_rows_equal_each_alone(model):
   mixed = decode(model, PROMPTS, MAX_NEW, _mixed(rows))
   assert mixed.tokens == [decode(model, [p], MAX_NEW, r).tokens[0]
                           for p, r in zip(PROMPTS, rows)]
+
+
+@pytest.mark.slow  # compiles 1 engine program
+def test_per_row_min_new_tokens_and_limits_on_flat_logits():
+  """Every logit 0 (ties go to the lowest id): stop ids 0 and 1 masked for row b's own
+  min_new steps, so 2 wins until then, then 0 stops the row -- unless its own
+  max_new_tokens comes first."""
+  flat = make_model(flat_logits=True)
+  res = decode(flat, PROMPTS, [8, 8, 3], S(temperature=0.0, stop_ids=(0, 1),
+                                           min_new_tokens=(0, 2, 5)))
+  assert res.tokens == [[0], [2, 2, 0], [2, 2, 2]]
+  assert res.finish_reason == ["stop", "stop", "length"]
+  assert res.steps == 3
