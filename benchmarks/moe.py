@@ -103,19 +103,19 @@ def _tail_mean(path: str, key: str, n: int = 5):
   return round(statistics.fmean(vals[-n:]), 4) if vals else None
 
 
-def quality(steps: int, variants=("moe", "nobalance", "dense")) -> list[dict]:
+def quality(steps: int, variants=("moe", "nobalance", "dense"), seed: int = 0) -> list[dict]:
   import dataclasses
   from lmx.train.loop import train
   out = []
   with tempfile.TemporaryDirectory() as tmp:
     for arg in variants:
       exp = _exp(arg, steps=steps, eval_every=steps, warmup_steps=min(100, steps // 5))
-      exp = dataclasses.replace(exp, run_dir=os.path.join(tmp, arg),
+      exp = dataclasses.replace(exp, run_dir=os.path.join(tmp, arg), seed=seed,
                                 checkpoint=dataclasses.replace(exp.checkpoint, every=steps))
       t0 = time.perf_counter()
       final = train(exp)
       metrics = os.path.join(exp.run_dir, "metrics.jsonl")
-      rec = {"bench": "moe_quality", "model": arg, "steps": steps,
+      rec = {"bench": "moe_quality", "model": arg, "steps": steps, "seed": seed,
              "tokens": steps * exp.data.batch_size * exp.data.seq_len,
              "val_loss": round(float(final.get("val_loss", final.get("validation_loss", -1))), 4),
              "wall_s": round(time.perf_counter() - t0, 1)}
@@ -123,7 +123,8 @@ def quality(steps: int, variants=("moe", "nobalance", "dense")) -> list[dict]:
         rec.update(load_cv=_tail_mean(metrics, "moe_load_cv"),
                    load_max=_tail_mean(metrics, "moe_load_max"),
                    load_min=_tail_mean(metrics, "moe_load_min"),
-                   balance=_tail_mean(metrics, "moe_balance"))
+                   balance=_tail_mean(metrics, "moe_balance"),
+                   dropped=_tail_mean(metrics, "moe_dropped"))
       out.append(rec)
       print(json.dumps(rec), flush=True)
   return out
@@ -133,6 +134,9 @@ def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("what", choices=("step", "quality"))
   p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--variants", default="moe,nobalance,dense",
+                 help="quality: experiments/moe.py arguments to train, comma-separated")
+  p.add_argument("--seed", type=int, default=0, help="quality: model init seed")
   p.add_argument("--steps", type=int, default=None,
                  help="step: steps per round (default 3); quality: training steps (300)")
   args = p.parse_args(argv)
@@ -142,7 +146,7 @@ def main(argv: list[str]) -> int:
     for rec in step_times(args.rounds, args.steps or 3):
       print(json.dumps(rec), flush=True)
   else:
-    quality(args.steps or 300)
+    quality(args.steps or 300, tuple(args.variants.split(",")), args.seed)
   return 0
 
 

@@ -103,6 +103,7 @@ def _steered(m: MoE, prefs: list[int]) -> jax.Array:
   return jnp.asarray(x)
 
 
+@pytest.mark.slow  # compiles MoE forwards
 def test_dropped_counts_hand_case():
   # 8 tokens, top-1, capacity ceil(1.0 * 8 / 4) = 2 slots per expert. Expert 0 is wanted by
   # tokens 0, 1, 2, 4, 5 (token 1 is padding, so it goes last): 0 and 2 fit, 4 and 5 drop
@@ -122,6 +123,7 @@ def test_dropped_counts_hand_case():
   assert float(s2["dropped"]) == 0.0 and np.all(np.abs(np.asarray(y2[0])).sum(-1) > 0)
 
 
+@pytest.mark.slow  # compiles MoE forwards
 def test_first_choices_before_second_choices():
   # top-2, 4 tokens, capacity ceil(0.5 * 4 * 2 / 4) = 1: every token's first choice (its
   # own expert) is served before any second choice, so all 4 second choices drop.
@@ -148,6 +150,7 @@ def test_router_gets_gradient_through_output_and_losses():
     assert float(jnp.abs(g["router"][...]).max()) > 0
 
 
+@pytest.mark.slow  # compiles MoE forwards
 def test_balance_loss_is_one_for_uniform_routing_and_larger_otherwise():
   m = _moe(top_k=1)
   x = _steered(m, [0, 1, 2, 3, 3, 2, 1, 0])  # every expert gets 2 of 8 tokens
@@ -177,6 +180,7 @@ def test_load_metrics_match_numpy():
   np.testing.assert_allclose(float(m["moe_dropped_sum"]) / 10, 3 / 20, rtol=1e-6)
 
 
+@pytest.mark.slow  # compiles MoE forwards
 def test_sigmoid_router_bias_steers_and_gets_balancing_gradient():
   m = _moe(top_k=1, router="sigmoid")
   x = _steered(m, [0, 0, 0, 0, 0, 0, 1, 2])

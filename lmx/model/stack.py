@@ -15,6 +15,11 @@ layer's input, 'save_dots' also keeps the weight matmuls (recomputing the attent
 and the elementwise work). `ModelConfig.scan_layers=False` runs the same stacked
 parameters unrolled, one slice at a time in a Python loop, so XLA sees every layer at once.
 Decoding with the stacked KV cache always scans (`decode_layers`).
+
+MoE (`model.moe`, lmx/model/moe.py): each Block's `forward` also returns its MoE layer's
+statistics, which the scan emits per layer and `LayerStack` turns into the loss and metric
+sums of `Transformer.aux_losses` / `aux_metrics`. With every_n_layers = n > 1 the scanned
+unit is an `MoEGroup` of n layers, so the body stays homogeneous.
 """
 
 from __future__ import annotations
