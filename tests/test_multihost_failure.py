@@ -8,6 +8,7 @@ hung host, no TCP reset); the survivor must exit non-zero within 60 s, naming th
 process. Plus the opposite: a process finishing long before its peer is not a lost process.
 """
 
+import json
 import os
 import pathlib
 import signal
@@ -62,8 +63,10 @@ sys.exit(rc)
 '''
 
 
-def _start(tmp: pathlib.Path, name: str, steps: int, **env_extra) -> tuple[list, pathlib.Path]:
-  """Two `lmx train` processes; returns them and the run directory."""
+def _start(tmp: pathlib.Path, name: str, steps: int, extra_args: tuple = (), log: str = "",
+           **env_extra) -> tuple[list, pathlib.Path]:
+  """Two `lmx train` processes (logs in <name><log>_<i>.log); returns them and the run
+  directory."""
   run_dir, port = tmp / name, _free_port()
   script = tmp / "lingering_lmx.py"
   script.write_text(LINGERING_LMX)
@@ -75,10 +78,10 @@ def _start(tmp: pathlib.Path, name: str, steps: int, **env_extra) -> tuple[list,
                LMX_COORDINATOR=f"127.0.0.1:{port}", LMX_NUM_PROCESSES="2",
                LMX_PROCESS_ID=str(i))
     env.update({k: v[i] if isinstance(v, tuple) else v for k, v in env_extra.items()})
-    with open(tmp / f"{name}_{i}.log", "w") as log:
+    with open(tmp / f"{name}{log}_{i}.log", "w") as f:
       procs.append(subprocess.Popen(
-          [sys.executable, str(script), "train", *_args(tmp / "cache", run_dir, steps)],
-          env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+          [sys.executable, str(script), "train", *_args(tmp / "cache", run_dir, steps),
+           *extra_args], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
   return procs, run_dir
 
 
@@ -194,3 +197,48 @@ def test_an_exception_in_one_process_stops_the_other_at_once(tmp):
   print(f"raise: process 0 rc={rc0} {elapsed:.1f} s after process 1 exited")
   assert rc0 == 1 and elapsed < BOUND_S, logs[0][-3000:]
   assert logs[0].rstrip().splitlines()[-1].startswith("lmx: process "), logs[0][-3000:]
+
+
+def _result(log: str) -> dict:
+  return json.loads([line for line in log.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_at_one_step(tmp):
+  """SIGTERM to process 1 only (a preempted host, a Ctrl-C in one terminal): both processes
+  stop after the same step (the next log step, where they agree), save one checkpoint,
+  exit 0, and a rerun resumes from it. A process leaving on its own would leave its peer
+  in the next all-reduce until the watchdog ended the run with an error."""
+  every = 3  # log steps: where the processes agree on a stop
+  args = (f"--config.train.log_every={every}",)
+  procs, run_dir = _start(tmp, "sigterm", steps=100000, extra_args=args,
+                          LMX_HEARTBEAT_TIMEOUT_S="10")
+  try:
+    _wait_for_first_step(procs, run_dir)
+    procs[1].send_signal(signal.SIGTERM)
+    sent_at = time.monotonic()
+    rcs = [p.wait(timeout=BOUND_S + 30) for p in procs]
+    elapsed = time.monotonic() - sent_at
+  finally:
+    _stop_all(procs)
+  logs = [(tmp / f"sigterm_{i}.log").read_text() for i in range(2)]
+  assert rcs == [0, 0], "\n".join(log[-3000:] for log in logs)
+  print(f"sigterm: both processes exited 0 {elapsed:.1f} s after the signal")
+  assert elapsed < BOUND_S
+  results = [_result(log) for log in logs]
+  steps = {r["step"] for r in results}
+  assert len(steps) == 1 and all(r["stopped_by_signal"] for r in results), results
+  saved = steps.pop()
+  assert saved % every == 0 and saved >= every
+  assert sorted(os.listdir(run_dir / "checkpoints")) == [str(saved)]
+  # Both rerun the same command for two more steps: they resume from the saved step.
+  procs, _ = _start(tmp, "sigterm", steps=saved + 2, extra_args=args, log="_resume")
+  try:
+    rcs = [p.wait(timeout=300) for p in procs]
+  finally:
+    _stop_all(procs)
+  logs = [(tmp / f"sigterm_resume_{i}.log").read_text() for i in range(2)]
+  assert rcs == [0, 0], "\n".join(log[-3000:] for log in logs)
+  for log in logs:
+    r = _result(log)
+    assert r["resumed_from"] == saved and r["step"] == saved + 2, r

@@ -263,6 +263,15 @@ def primary_first(fn: Callable[[], T], name: str) -> T:
   return out if is_primary() else fn()  # type: ignore[return-value]
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any: a decision all processes take at the
+  same step (a collective: every process must call it at the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+
+
 def allgather_json(obj: Any) -> list[Any]:
   """Every process's JSON-able `obj`, in process order (the same list on every process).
 

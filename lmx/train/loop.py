@@ -6,7 +6,9 @@ A run directory holds everything: checkpoints/ (latest N, incl. the data iterato
 (best validation loss), metrics.jsonl, tensorboard/, loss_curve.png. Rerunning the same
 command resumes from the newest checkpoint -- model, optimizer, step, RNG, loss scale and
 data position -- and continues bitwise identically to an uninterrupted run (fp32, same
-devices). SIGTERM / SIGINT (preemption, Ctrl-C) save a checkpoint and return normally.
+devices). SIGTERM / SIGINT (preemption, Ctrl-C) save a checkpoint and return normally; in
+a multi-process run a signal to any one process stops them all at the same step (the next
+log or checkpoint step), where the processes agree on it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from lmx.eval.perplexity import (UNIGRAM_TRAIN_BATCHES, count_targets, masked_ta
                                  unigram_perplexity, validation_loss)
 from lmx.model import Transformer
 from lmx.peft import apply_peft, new_token_count, peft_counts
-from lmx.parallel.distributed import is_primary, primary_first
+from lmx.parallel.distributed import any_process, is_primary, primary_first
 from lmx.parallel.mesh import make_mesh, make_rules, use_mesh
 from lmx.runtime import release_free_memory
 from lmx.train.checkpoint import Checkpointer
@@ -202,9 +204,15 @@ def train(exp: Experiment, *, max_steps: int | None = None,
     # The logged train loss is the mean over the steps since the last log (finite steps
     # only), kept on device so that adding it up never waits for a step to finish.
     loss_sum, loss_n = jnp.float32(0), jnp.float32(0)
+    # A process that left the loop alone on its own signal would leave the others waiting in
+    # the next step's all-reduce: with several processes the stop is agreed (one tiny
+    # all-gather) at the steps where the host syncs anyway, a log or a save, so that every
+    # process stops after the same step and saves the same checkpoint.
+    alone = jax.process_count() == 1
+    stop = False  # agreed by every process
     with _SignalFlag() as sig:
       while step < total:
-        if sig.signum is not None:
+        if stop or (alone and sig.signum is not None):
           result["stopped_by_signal"] = True
           break
         if stop_after is not None and step >= stop_after:
@@ -228,6 +236,8 @@ def train(exp: Experiment, *, max_steps: int | None = None,
         # of non-finite steps (which change nothing) may run up to log_every - 1 steps
         # past max_bad_steps before the stop.
         saving = ckpt.should_save(step)
+        if not alone and (logging or saving):
+          stop = any_process(sig.signum is not None)
         bad = int(state.consecutive_bad_steps) if logging or saving else 0
         if bad >= cfg.max_bad_steps:
           last = ckpt.latest_step()
