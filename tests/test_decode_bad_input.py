@@ -45,3 +45,12 @@ def test_draft_with_another_vocabulary():
   draft = abstract(dataclasses.replace(CFG, vocab_size=32))
   with pytest.raises(ValueError, match="vocab_size"):
     speculative_decode(abstract(), draft, [[1, 2]], 4, SamplingOptions())
+
+
+@pytest.mark.parametrize("opts,match", [
+    (SamplingOptions(temperature=(0.0, 1.0)), r"per-row settings \(temperature\)"),
+    (SamplingOptions(repetition_penalty=1.3), "penalties are not supported"),
+])
+def test_speculative_refuses_what_its_verifier_cannot_follow(opts, match):
+  with pytest.raises(ValueError, match=match):
+    speculative_decode(abstract(), abstract(), [[1, 2], [3]], 4, opts)

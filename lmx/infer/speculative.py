@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmx.infer.engine import SamplingOptions, check_prompts, pad_prompts, sampling_logits
+from lmx.infer.engine import (ROW_FIELDS, SamplingOptions, check_prompts, pad_prompts,
+                              sampling_logits)
 from lmx.model.transformer import KVCache, Transformer
 
 
@@ -256,6 +257,10 @@ def _run(target: Transformer, draft: Transformer | None, prompts, max_new_tokens
     raise ValueError(f"speculative: the draft's vocab_size {draft.cfg.vocab_size} differs "
                      f"from the target's {vocab}; they must share one tokenizer.")
   options.validate(vocab)
+  per_row = [f for f in ROW_FIELDS if isinstance(getattr(options, f), tuple)]
+  if per_row:
+    raise ValueError(f"speculative: per-row settings ({', '.join(per_row)}) are not supported; "
+                     "give one value for every prompt, or use lmx.infer.engine.decode.")
   if options.uses_counts:
     raise ValueError("speculative: repetition / frequency / presence penalties are not "
                      "supported; use lmx.infer.engine.decode.")
