@@ -10,7 +10,9 @@ Shape:    the default experiment's 3 blocks of width 128, each MLP replaced by 8
           of width 192 with top-2 routing: a token passes through 2 x 192 = 384 hidden units,
           the dense twin's d_ff, so active parameters (and FLOPs per token) match up to the
           router (3 x 128 x 8 = 3,072 parameters). Total 2,445,184 parameters, 1,118,080 active.
-Runs on:  2 CPU cores: 600 steps of 4,096 tokens in minutes (docs/moe.md has the figures).
+Runs on:  2 CPU cores: 1.21x the dense twin's step time (capacity path; dropless 3.7x);
+          300 steps took 8-11 min on a shared 2-core machine at load 8-12, so the 600
+          steps here take ~20 min there and less on an idle one (figures: docs/moe.md).
 Expect:   per-step metrics moe_balance (~0.01 = aux_loss_coef x 1 when balanced),
           moe_router_z, moe_dropped (share of assignments over capacity),
           moe_load_cv / _max / _min.
