@@ -265,6 +265,10 @@ def from_pretrained(path: str | os.PathLike, *,
 def params_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """An lmx parameter tree -> the HF state dict of `arch_of(cfg)` (float32, tied head
   omitted, as save_pretrained writes it)."""
+  if cfg.moe.num_experts:
+    raise UnsupportedModel(f"the model has model.moe.num_experts={cfg.moe.num_experts} "
+                           "experts; export to Hugging Face covers dense LLaMA, Mistral and "
+                           "GPT-2 models only (Mixtral export is not written yet).")
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   peft = [jax.tree_util.keystr(p) for p, _ in flat if "_peft" in jax.tree_util.keystr(p)]
   if peft:
