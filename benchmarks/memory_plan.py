@@ -76,7 +76,7 @@ def compare(c, layout: str, microbatches: int) -> dict:
           "grads": mib(plan.grad_bytes), "batch": mib(plan.batch_bytes),
           "saved_activations": mib(plan.saved_activation_bytes),
           "weight_residuals": mib(plan.weight_residual_bytes),
-          "layer_working": mib(plan.working_bytes), "update_copy": mib(plan.update_copy_bytes),
+          "layer_working": mib(plan.working_bytes),
           "total": mib(plan.total_bytes)},
       "compiled_mib": {k: mib(v) for k, v in xla.items()},
       "state_equal": (plan.param_bytes + plan.optimizer_bytes + plan.counter_bytes ==

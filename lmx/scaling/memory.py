@@ -40,18 +40,15 @@ Per device (every figure is a per-device byte count):
               never an 80-layer model. The trace runs on this machine's backend: on CPU
               attention_impl 'auto' is the blocked kernel, whose residuals differ from an
               accelerator's (plan with --config.model.attention_impl=jax for those).
-  update copy half the Adam moments. XLA copies the donated moments before the update
-              (copy insertion: the new moments are written in place while other fusions of
-              the update, and the skip-step select, still read the old ones); measured live
-              at the step's peak: from none to ~80% of them, so half is counted.
   total       the sum: the planned peak of one step.
 
 Measured against XLA's compiled step on 8 CPU devices (docs/scaling.md,
 `benchmarks/memory_plan.py`): state and batch equal the compiled arguments byte for byte;
-the total is within 5% of `memory_analysis()` (argument + output - alias + temp) at ~110M
-parameters in fp32 over data / ZeRO / fsdp (6-10% under with remat), within 15% on small
+the total is within 7.5% of `memory_analysis()` (argument + output - alias + temp) at ~110M
+parameters in fp32 over data / ZeRO / fsdp / tensor (-7.2% .. +0.9%), within 15% on small
 models (tests/test_memory_plan.py). It is low where XLA:CPU departs from the traced
-program: bf16 residuals kept in float32, attention residuals not split over `tensor`.
+program: bf16 residuals kept in float32. (The train step skips a bad step with a branch,
+so XLA no longer copies the donated Adam moments, and nothing is counted for that.)
 
 Pipeline (mesh.pipeline > 1, `lmx.parallel.pipeline`): the grad_accum_steps microbatches
 flow through the stages, so activations follow the runtime's schedule table instead: per
@@ -124,7 +121,6 @@ class MemoryPlan:
   saved_activation_bytes: int
   weight_residual_bytes: int
   working_bytes: int
-  update_copy_bytes: int  # the Adam moments XLA copies for the update (module docstring)
   rows_per_device: int  # microbatch rows this device computes
   zero_paper_bytes: float  # the paper's params + grads + optimizer for this stage
   zero_lmx_bytes: float  # lmx's fp32 variant of the same
@@ -141,7 +137,7 @@ class MemoryPlan:
   @property
   def total_bytes(self) -> int:
     return (self.state_bytes + self.counter_bytes + self.grad_bytes + self.grad_accum_bytes +
-            self.batch_bytes + self.activation_bytes + self.update_copy_bytes)
+            self.batch_bytes + self.activation_bytes)
 
 
 def abstract_mesh(exp: Experiment, n_devices: int) -> AbstractMesh:
@@ -331,7 +327,7 @@ def plan_memory(exp: Experiment, n_devices: int, zero_stage: int | None = None) 
       optimizer_bytes=optimizer_bytes, counter_bytes=counter_bytes, grad_bytes=grad_bytes,
       grad_accum_bytes=grad_bytes if k > 1 and sizes["pipeline"] == 1 else 0,
       batch_bytes=batch_bytes, saved_activation_bytes=saved, weight_residual_bytes=weights,
-      working_bytes=working, update_copy_bytes=optimizer_bytes // 2, rows_per_device=rows,
+      working_bytes=working, rows_per_device=rows,
       zero_paper_bytes=formulas["paper"][stage], zero_lmx_bytes=formulas["lmx"][stage])
 
 
@@ -393,7 +389,6 @@ def format_table(plans: list[MemoryPlan], marked: int | None = None) -> str:
       ("activations: saved (estimate)", lambda p: p.saved_activation_bytes),
       ("activations: weight copies", lambda p: p.weight_residual_bytes),
       ("activations: one layer working", lambda p: p.working_bytes),
-      ("update: copy of the moments", lambda p: p.update_copy_bytes),
       ("counters", lambda p: p.counter_bytes),
       ("total per device", lambda p: p.total_bytes),
   ]
