@@ -35,3 +35,43 @@ class CharTokenizer:
 
   def decode(self, ids):
     return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def hf_llama_dir(path, texts):
+  """A small random Hugging Face LlamaForCausalLM (GQA, untied, vocab 320) saved to `path`
+  with a byte-level BPE tokenizer.json trained on `texts` (eos `<|endoftext|>`); returns
+  the torch model. Needs the reference extra (torch, transformers) and `tokenizers`."""
+  import json
+
+  import tokenizers
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)).eval()
+  ref.save_pretrained(path)
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator(list(texts) * 10, tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  return ref
+
+
+def random_lm_batches(n, vocab_size, batch, seq):
+  """n random LM batches (inputs, targets, positions, segment_ids, ~90% loss_mask), seed 0."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    toks = rng.integers(0, vocab_size, size=(batch, seq + 1)).astype(np.int32)
+    out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:],
+                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+                "segment_ids": np.ones((batch, seq), np.int32),
+                "loss_mask": (rng.random((batch, seq)) > 0.1).astype(np.float32)})
+  return out

@@ -20,6 +20,8 @@ from lmx.eval import harness, metrics, tasks
 from lmx.infer import generate as gen
 from lmx.model import Transformer
 
+from conftest import hf_llama_dir  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -281,27 +283,14 @@ def test_cli_end_to_end_untrained(tmp_path, capsys):
 @pytest.mark.slow  # torch + transformers, a small HF LLaMA, shards for 40 documents (~30 s)
 def test_cli_hf_directory_scores_like_transformers(tmp_path, capsys):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  tokenizers = pytest.importorskip("tokenizers")
+  pytest.importorskip("transformers")
+  pytest.importorskip("tokenizers")
   from lmx.cli import main
   from lmx.interop import hf
 
-  torch.manual_seed(0)
-  ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)).eval()
-  src = tmp_path / "hf"
-  ref.save_pretrained(src)
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
   texts = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)\n", "x = [1, 2]\n"]
-  tok.train_from_iterator(texts * 10, tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-  tok.save(str(src / "tokenizer.json"))
-  (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  src = tmp_path / "hf"
+  ref = hf_llama_dir(src, texts)
   records = [{"context": "def f(x):\n", "choices": ["    return x + 1\n", "import os\n"],
               "label": 0},
              {"context": "x = ", "choices": ["[1, 2]\n", "os.sep\n", "1"], "label": 1}]

@@ -9,6 +9,8 @@ import pytest
 
 from lmx.interop import convert
 
+from conftest import hf_llama_dir  # noqa: E402
+
 TEXTS = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)\n", "class A:\n  pass\n"]
 
 
@@ -40,21 +42,9 @@ def test_import_generate_finetune_export(tmp_path, capsys, monkeypatch):
   from flax import nnx
 
   # A small HF LLaMA (GQA, untied) with a byte-level BPE tokenizer.json.
-  torch.manual_seed(0)
-  ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)).eval()
   src = tmp_path / "hf"
-  ref.save_pretrained(src)
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  tok.train_from_iterator(TEXTS * 10, tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-  tok.save(str(src / "tokenizer.json"))
-  (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  ref = hf_llama_dir(src, TEXTS)
+  tok = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json"))
 
   run = tmp_path / "run"
   assert convert.cli_main(["--from_hf", str(src), "--to", str(run)]) == 0

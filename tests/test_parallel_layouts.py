@@ -21,6 +21,8 @@ from lmx.train.optimizer import make_optimizer
 from lmx.train.state import create_train_state, init_train_state
 from lmx.train.step import jit_train_step, make_train_step
 
+from conftest import random_lm_batches  # noqa: E402
+
 MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                     max_seq_len=16)
 TRAIN = TrainConfig(steps=50, warmup_steps=2, learning_rate=1e-2, grad_clip=1.0)
@@ -133,15 +135,7 @@ def test_partition_spec_snapshot(layout):
 
 
 def _batches(n):
-  rng = np.random.default_rng(0)
-  out = []
-  for _ in range(n):
-    toks = rng.integers(0, MODEL.vocab_size, size=(B, T + 1)).astype(np.int32)
-    out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:],
-                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-                "segment_ids": np.ones((B, T), np.int32),
-                "loss_mask": (rng.random((B, T)) > 0.1).astype(np.float32)})
-  return out
+  return random_lm_batches(n, MODEL.vocab_size, B, T)
 
 
 def _train(mesh_cfg, train, n_devices, steps=5):
