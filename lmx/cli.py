@@ -7,6 +7,9 @@
     lmx convert   --from_hf DIR --to RUN_DIR | --from RUN_DIR --to_hf DIR
     lmx serve     --config=... [--port N]
     lmx data ...  / lmx tokenizer ... / lmx sweep ... / lmx scaling ...
+
+`lmx train` records its experiment as RUN_DIR/config.json; train, generate, evaluate, serve
+and info then take `--run RUN_DIR` in place of `--config=FILE` (overrides still apply).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ DISTRIBUTED_COMMANDS = ("train", "evaluate", "generate")
 def _usage() -> str:
   lines = ["usage: lmx COMMAND [args]", "", "commands:"]
   lines += [f"  {name:10s} {doc}" for name, (_, doc) in COMMANDS.items()]
+  lines += ["", "The experiment: --config=FILE [--config.x.y=v ...], or --run RUN_DIR (the "
+            "config.json lmx train recorded there) with the same overrides."]
   return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
     lmx train --config=experiments/default.py [--config.train.steps=200 ...]
 
-A run directory holds everything: checkpoints/ (latest N, incl. the data iterator), best/
-(best validation loss), metrics.jsonl, tensorboard/, loss_curve.png. Rerunning the same
+A run directory holds everything: config.json (the experiment, for `--run RUN_DIR`),
+checkpoints/ (latest N, incl. the data iterator), best/ (best validation loss),
+metrics.jsonl, tensorboard/, loss_curve.png. Rerunning the same
 command resumes from the newest checkpoint -- model, optimizer, step, RNG, loss scale and
 data position -- and continues bitwise identically to an uninterrupted run (fp32, same
 devices). SIGTERM / SIGINT (preemption, Ctrl-C) save a checkpoint and return normally; in
@@ -116,6 +117,19 @@ def _model_parts(exp: Experiment):
   return make_model, finish if needs else None, base, extra
 
 
+def _record_config(exp: Experiment) -> None:
+  """RUN_DIR/config.json: the experiment, for `--run RUN_DIR` and `lmx convert --from`."""
+  from lmx.experiment import RUN_CONFIG, record_run_config
+  try:
+    changed = record_run_config(exp)
+  except ValueError as e:  # the run itself is fine; tools then need --config
+    print(f"lmx train: not writing {RUN_CONFIG}: {e}", file=sys.stderr)
+    return
+  if changed:  # a resumed run with new settings: say what changed, then run with them
+    print(f"lmx train: {exp.run_dir}/{RUN_CONFIG} recorded other settings; this run uses "
+          f"(and records) the new ones: {'; '.join(changed)}", file=sys.stderr)
+
+
 def train(exp: Experiment, *, max_steps: int | None = None,
           stop_after: int | None = None) -> dict[str, Any]:
   """Train (or resume) `exp` in `exp.run_dir`; returns the final metrics.
@@ -128,6 +142,8 @@ def train(exp: Experiment, *, max_steps: int | None = None,
   total = max_steps if max_steps is not None else cfg.steps
   run_dir = pathlib.Path(exp.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
+  if is_primary():
+    _record_config(exp)
   mesh = make_mesh(exp.mesh)
   rules = make_rules(exp.mesh)
   # Process 0 fills the shared cache (tokenizer, shards) first; the others then load it.
