@@ -14,6 +14,7 @@ import pytest
 import lmx.train.loop as loop
 from lmx.config import base_config, from_config_dict
 from lmx.eval import perplexity
+from lmx.experiment import load_experiment, load_run_config
 from lmx.train.metrics import read_metrics
 
 # End-to-end training runs of the real loop (one of them a subprocess), seconds each.
@@ -176,16 +177,22 @@ def test_sigterm_saves_and_rerun_resumes(tmp_path, cache_dir, capsys):
   assert res["stopped_by_signal"] and 3 <= res["step"] < 100000
   saved = res["step"]
   assert (run_dir / "checkpoints" / str(saved)).is_dir()
-  # A rerun resumes at the saved step (same experiment, a few more steps).
+  # The CLI recorded the experiment it ran (experiment file + overrides) as config.json.
+  cli_exp = load_experiment([f"--config={REPO}/experiments/default.py", *args[5:]])[0]
+  assert load_run_config(run_dir) == cli_exp
+  # A rerun resumes at the saved step (the same model and data, a few more steps); its
+  # experiment is built otherwise (base_config, not default.py), so the rerun names the
+  # settings that changed and records its own.
   exp = make_exp(run_dir, cache_dir, **{"train.steps": 100000, "train.warmup_steps": 2})
+  capsys.readouterr()
   r = loop.train(exp, max_steps=saved + 2)
+  assert "sample.prompt: 'import os\\n' -> 'def '" in capsys.readouterr().err
+  assert load_run_config(run_dir) == exp
   assert r["resumed_from"] == saved and r["step"] == saved + 2
   assert [s for s, _ in r["losses"]] == [saved + 1, saved + 2]
-  # `lmx evaluate` restores the latest checkpoint (no best/: eval_every=0) and reports.
-  capsys.readouterr()
-  argv = [f"--config={REPO}/experiments/default.py", f"--config.run_dir={run_dir}",
-          f"--config.data.cache_dir={cache_dir}"] + [f"--config.{k}={v}" for k, v in TINY.items()]
-  assert perplexity.cli_main(argv) == 0
+  # `lmx evaluate --run` restores the latest checkpoint (no best/: eval_every=0) with the
+  # recorded experiment and reports.
+  assert perplexity.cli_main(["--run", str(run_dir)]) == 0
   ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert ev["step"] == saved + 2
   assert ev["val_loss"] == pytest.approx(r["val_loss"], rel=1e-5)
