@@ -13,10 +13,13 @@ HF tokenizer files to RUN_DIR/hf_tokenizer/, and writes RUN_DIR/experiment.py: a
     lmx train --config=RUN_DIR/experiment.py --config.train.init_from=RUN_DIR \\
         --config.run_dir=runs/finetune --config.data.corpus=...
 
-work. A LoRA / QLoRA run is exported merged (its base from `train.init_from` plus
-(alpha/r) A B); other PEFT methods are refused. Export needs the run's experiment: `lmx train` does not record it in the run
-directory, so pass the same --config (and overrides) the run was trained with; a run made
-by import (or fine-tuned from one with its experiment.py) finds RUN_DIR/experiment.py.
+work. An MoE run (`model.moe`) is exported as Mixtral where its settings allow (see
+lmx.interop.hf_config.arch_of); a capacity run (capacity_factor > 0) as its dropless twin,
+which the printed summary notes. A LoRA / QLoRA run is exported merged (its base from
+`train.init_from` plus (alpha/r) A B); other PEFT methods are refused. Export needs the
+run's experiment: `lmx train` does not record it in the run directory, so pass the same
+--config (and overrides) the run was trained with; a run made by import (or fine-tuned from
+one with its experiment.py) finds RUN_DIR/experiment.py.
 """
 
 from __future__ import annotations
@@ -38,13 +41,16 @@ from lmx.config import ModelConfig
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "config.json", "generation_config.json")
 TOKENIZER_DIR = "hf_tokenizer"
-_SKIP_FIELDS = ("dtype", "moe")  # dtype follows train.precision; MoE is never imported
+_SKIP_FIELDS = ("dtype", "moe")  # dtype follows train.precision; moe is a section of its own
 
 
 def experiment_source(cfg: ModelConfig, run_dir: str, tokenizer_path: str, source: str) -> str:
   """The text of RUN_DIR/experiment.py for an imported model."""
   fields = [f for f in dataclasses.fields(cfg) if f.name not in _SKIP_FIELDS]
   model_lines = "\n".join(f"  c.model.{f.name} = {getattr(cfg, f.name)!r}" for f in fields)
+  if cfg.moe.num_experts:  # Mixtral
+    model_lines += "\n" + "\n".join(f"  c.model.moe.{f.name} = {getattr(cfg.moe, f.name)!r}"
+                                    for f in dataclasses.fields(cfg.moe))
   tok_note = ("  # The Hugging Face tokenizer, copied beside the weights "
               "(lmx.interop.hf_tokenizer)."
               if tokenizer_path else
@@ -144,7 +150,12 @@ def export_hf(run_dir: str, hf_dir: str, exp, *, dtype: str = "float32",
   files = to_pretrained(model, cfg, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
   if tokenizer:
     files += _export_tokenizer(exp, out)
-  return {"source": source, "hf_dir": str(out), "files": files}
+  summary = {"source": source, "hf_dir": str(out), "files": files}
+  if cfg.moe.num_experts and cfg.moe.capacity_factor:
+    summary["note"] = (f"model.moe.capacity_factor={cfg.moe.capacity_factor} is exported as "
+                       "dropless Mixtral (what lmx decodes with); training-time forward passes "
+                       "that dropped tokens differ.")
+  return summary
 
 
 def _export_tokenizer(exp, out: pathlib.Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: LLaMA-family, Mistral and GPT-2 <-> lmx models.
+"""Hugging Face checkpoints in and out: LLaMA-family, Mistral, Mixtral and GPT-2 <-> lmx models.
 
     model, cfg = from_pretrained("path/to/hf_dir")          # config.json + safetensors
     to_pretrained(model, cfg, "out_dir", dtype="bfloat16")  # transformers loads this
@@ -14,6 +14,12 @@ to `.safetensors` files with the `safetensors` library. Layout differences:
 * HF names each layer (`model.layers.{i}.`, `h.{i}.`); lmx stacks the L layers into one
   tree under `layers.block` with a leading L axis (lmx.model.stack): import `np.stack`s the
   per-layer arrays, export takes them apart again.
+* Mixtral's experts: the Hub files hold one (out, in) Linear per expert
+  (`block_sparse_moe.experts.{e}.w1` gate, `w3` up, `w2` down) and the router as
+  `block_sparse_moe.gate` (E, D); lmx stacks them as w_gate / w_up (E, D, F), w_down (E, F, D),
+  router (D, E). transformers 5 holds them fused in memory (`mlp.experts.gate_up_proj`
+  (E, 2F, D), gate rows first; `mlp.experts.down_proj` (E, D, F)), which a raw state-dict
+  save writes; both spellings are read, the Hub one is written.
 """
 
 from __future__ import annotations
@@ -61,8 +67,48 @@ def _layer(tree: dict, i: int) -> dict:
   return jax.tree.map(lambda x: np.asarray(x)[i], tree["layers"]["block"])
 
 
+def _fused_experts(sd: dict) -> bool:
+  """Whether a Mixtral state dict spells its experts the transformers-5 fused way."""
+  return any(k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj") for k in sd)
+
+
+def _mlp_from_hf(sd: dict[str, np.ndarray], p: str, cfg: ModelConfig) -> dict:
+  """Layer prefix `p`'s MLP: LLaMA's dense one, or Mixtral's experts (either spelling)."""
+  if not cfg.moe.num_experts:
+    return {"w_gate": sd[p + "mlp.gate_proj.weight"].T, "w_up": sd[p + "mlp.up_proj.weight"].T,
+            "w_down": sd[p + "mlp.down_proj.weight"].T}
+  if _fused_experts(sd):
+    gate_up = sd[p + "mlp.experts.gate_up_proj"]  # (E, 2F, D): gate rows, then up rows
+    f = gate_up.shape[1] // 2
+    return {"router": sd[p + "mlp.gate.weight"].T,  # (E, D) -> (D, E)
+            "w_gate": gate_up[:, :f].transpose(0, 2, 1),  # (E, D, F)
+            "w_up": gate_up[:, f:].transpose(0, 2, 1),
+            "w_down": sd[p + "mlp.experts.down_proj"].transpose(0, 2, 1)}  # (E, D, F) -> (E, F, D)
+  q = p + "block_sparse_moe."
+  ex = range(cfg.moe.num_experts)
+  return {"router": sd[q + "gate.weight"].T,
+          "w_gate": np.stack([sd[f"{q}experts.{e}.w1.weight"].T for e in ex]),  # (E, D, F)
+          "w_up": np.stack([sd[f"{q}experts.{e}.w3.weight"].T for e in ex]),
+          "w_down": np.stack([sd[f"{q}experts.{e}.w2.weight"].T for e in ex])}  # (E, F, D)
+
+
+def _mlp_to_hf(m: dict, p: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """The inverse of `_mlp_from_hf`, writing Mixtral's experts in the Hub spelling."""
+  if not cfg.moe.num_experts:
+    return {p + "mlp.gate_proj.weight": m["w_gate"].T, p + "mlp.up_proj.weight": m["w_up"].T,
+            p + "mlp.down_proj.weight": m["w_down"].T}
+  q = p + "block_sparse_moe."
+  out = {q + "gate.weight": m["router"].T}
+  for e in range(cfg.moe.num_experts):
+    out[f"{q}experts.{e}.w1.weight"] = m["w_gate"][e].T  # (F, D)
+    out[f"{q}experts.{e}.w3.weight"] = m["w_up"][e].T
+    out[f"{q}experts.{e}.w2.weight"] = m["w_down"][e].T  # (D, F)
+  return out
+
+
 def llama_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
-  """HF LlamaForCausalLM state dict -> lmx parameter tree (nested dict of arrays)."""
+  """HF LlamaForCausalLM (Mistral, Mixtral) state dict -> lmx parameter tree (nested dict
+  of arrays)."""
   sd = _strip(sd, "model.")
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
   blocks = []
@@ -75,11 +121,7 @@ def llama_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
             "wv": sd[p + "self_attn.v_proj.weight"].T.reshape(d, kv, hd),
             "wo": sd[p + "self_attn.o_proj.weight"].T.reshape(h, hd, d),
         },
-        "mlp": {
-            "w_gate": sd[p + "mlp.gate_proj.weight"].T,
-            "w_up": sd[p + "mlp.up_proj.weight"].T,
-            "w_down": sd[p + "mlp.down_proj.weight"].T,
-        },
+        "mlp": _mlp_from_hf(sd, p, cfg),
         "attn_norm": {"scale": sd[p + "input_layernorm.weight"]},
         "mlp_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
     })
@@ -91,7 +133,8 @@ def llama_from_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
 
 
 def llama_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """lmx parameter tree (LLaMA-style config) -> HF LlamaForCausalLM state dict."""
+  """lmx parameter tree (LLaMA-style config) -> HF LlamaForCausalLM (Mistral, Mixtral)
+  state dict."""
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
   out = {"model.embed_tokens.weight": tree["embed"],
          "model.norm.weight": tree["final_norm"]["scale"]}
@@ -101,9 +144,7 @@ def llama_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     out[p + "self_attn.k_proj.weight"] = b["attn"]["wk"].reshape(d, kv * hd).T
     out[p + "self_attn.v_proj.weight"] = b["attn"]["wv"].reshape(d, kv * hd).T
     out[p + "self_attn.o_proj.weight"] = b["attn"]["wo"].reshape(h * hd, d).T
-    out[p + "mlp.gate_proj.weight"] = b["mlp"]["w_gate"].T
-    out[p + "mlp.up_proj.weight"] = b["mlp"]["w_up"].T
-    out[p + "mlp.down_proj.weight"] = b["mlp"]["w_down"].T
+    out.update(_mlp_to_hf(b["mlp"], p, cfg))
     out[p + "input_layernorm.weight"] = b["attn_norm"]["scale"]
     out[p + "post_attention_layernorm.weight"] = b["mlp_norm"]["scale"]
   out["lm_head.weight"] = (tree["embed"] if cfg.tie_embeddings else tree["lm_head"].T)
@@ -166,8 +207,10 @@ def gpt2_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
-def expected_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
-  """Every tensor (HF name -> shape) a checkpoint of `arch` with config `cfg` holds."""
+def expected_shapes(cfg: ModelConfig, arch: str,
+                    fused: bool = False) -> dict[str, tuple[int, ...]]:
+  """Every tensor (HF name -> shape) a checkpoint of `arch` with config `cfg` holds;
+  `fused`: Mixtral's experts in transformers 5's in-memory spelling (module docstring)."""
   v, d, f, n_l = cfg.vocab_size, cfg.d_model, cfg.ff_dim, cfg.n_layers
   if arch == "gpt2":
     out = {"transformer.wte.weight": (v, d), "transformer.wpe.weight": (cfg.max_seq_len, d),
@@ -185,6 +228,20 @@ def expected_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
            "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
            "mlp.down_proj.weight": (d, f), "input_layernorm.weight": (d,),
            "post_attention_layernorm.weight": (d,)}
+    if arch == "mixtral":
+      from lmx.model.moe import expert_ff
+      e, f = cfg.moe.num_experts, expert_ff(cfg)
+      for k in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+        del per[k]
+      if fused:
+        per.update({"mlp.gate.weight": (e, d), "mlp.experts.gate_up_proj": (e, 2 * f, d),
+                    "mlp.experts.down_proj": (e, d, f)})
+      else:
+        per["block_sparse_moe.gate.weight"] = (e, d)
+        for j in range(e):
+          per.update({f"block_sparse_moe.experts.{j}.w1.weight": (f, d),
+                      f"block_sparse_moe.experts.{j}.w3.weight": (f, d),
+                      f"block_sparse_moe.experts.{j}.w2.weight": (d, f)})
     prefix = "model.layers."
   for i in range(n_l):
     out.update({f"{prefix}{i}.{k}": s for k, s in per.items()})
@@ -211,7 +268,7 @@ def check_tensors(sd: dict[str, np.ndarray], cfg: ModelConfig, arch: str,
                   where: str = "checkpoint") -> dict[str, np.ndarray]:
   """`sd` with canonical names, checked against `expected_shapes`: raises TensorError with a
   sentence naming the first missing, unexpected, wrongly shaped or non-float tensor."""
-  want = expected_shapes(cfg, arch)
+  want = expected_shapes(cfg, arch, fused=arch == "mixtral" and _fused_experts(sd))
   sd = {_canonical(k, arch): v for k, v in sd.items()}
   sd = {k: v for k, v in sd.items() if k in want or not _ignorable(k, cfg)}
   missing = [k for k in want if k not in sd]
@@ -259,23 +316,33 @@ def from_pretrained(path: str | os.PathLike, *,
   # Abstract first: no random init of weights that are overwritten at once.
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   assign_params(model, tree)
+  _zero_abstract(model)
   return model, cfg
+
+
+def _zero_abstract(model: nnx.Module) -> None:
+  """Give the non-parameter variables `nnx.eval_shape` left abstract (an MoE stack's
+  `moe_aux` statistics of the last forward pass) zero values, so the model can be split and
+  jitted before its first forward pass."""
+  state = nnx.state(model, nnx.Not(nnx.Param))
+  for _, var in nnx.to_flat_state(state):
+    v = var.get_value()
+    if isinstance(v, jax.ShapeDtypeStruct):
+      var.set_value(jnp.zeros(v.shape, v.dtype))
+  nnx.update(model, state)
 
 
 def params_to_hf(tree: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """An lmx parameter tree -> the HF state dict of `arch_of(cfg)` (float32, tied head
   omitted, as save_pretrained writes it)."""
-  if cfg.moe.num_experts:
-    raise UnsupportedModel(f"the model has model.moe.num_experts={cfg.moe.num_experts} "
-                           "experts; export to Hugging Face covers dense LLaMA, Mistral and "
-                           "GPT-2 models only (Mixtral export is not written yet).")
+  arch = arch_of(cfg)  # refuses, naming the field, what no HF architecture computes
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   peft = [jax.tree_util.keystr(p) for p, _ in flat if "_peft" in jax.tree_util.keystr(p)]
   if peft:
     raise UnsupportedModel(f"the parameters hold PEFT modules ({peft[0]}); export the base "
                            "model (merge LoRA into it first) -- Hugging Face has no place "
                            "for them.")
-  sd = gpt2_to_hf(tree, cfg) if arch_of(cfg) == "gpt2" else llama_to_hf(tree, cfg)
+  sd = gpt2_to_hf(tree, cfg) if arch == "gpt2" else llama_to_hf(tree, cfg)
   if cfg.tie_embeddings:
     sd.pop("lm_head.weight")
   return sd
@@ -285,7 +352,8 @@ def to_pretrained(model: nnx.Module | dict, cfg: ModelConfig, path: str | os.Pat
                   dtype: str = "float32", max_shard_bytes: int = 0) -> list[str]:
   """Write config.json + model.safetensors (sharded above `max_shard_bytes` if > 0) that
   transformers' AutoModelForCausalLM.from_pretrained loads: LLaMA (Mistral when
-  model.sliding_window > 0) or GPT-2. `model`: a Transformer or its parameter tree.
+  model.sliding_window > 0), Mixtral (model.moe; a capacity model is written as its dropless
+  twin, Mixtral having no capacity) or GPT-2. `model`: a Transformer or its parameter tree.
   `dtype`: the stored dtype, float32 | float16 | bfloat16. Returns the files written."""
   names = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
   if dtype not in names:

@@ -1,17 +1,20 @@
 """Hugging Face `config.json` <-> lmx ModelConfig, for the architectures lmx can run exactly.
 
 Supported `model_type`s: 'llama' (LLaMA 1-3, GQA, Llama 3.1 `rope_scaling`), 'mistral'
-(LLaMA blocks + `sliding_window`) and 'gpt2'. Anything whose forward pass lmx would compute
-differently (biases on LLaMA projections, other activations, other RoPE scalings) is refused
-with one sentence rather than imported approximately. Both the transformers 4 spelling
-(`rope_theta`, `rope_scaling`) and the 5 one (`rope_parameters`) are read.
+(LLaMA blocks + `sliding_window`), 'mixtral' (Mistral blocks whose MLPs are top-k routed
+SwiGLU experts: lmx's `model.moe` with a softmax router, dropless) and 'gpt2'. Anything whose
+forward pass lmx would compute differently (biases on LLaMA projections, other activations,
+other RoPE scalings) is refused with one sentence rather than imported approximately. Both
+the transformers 4 spelling (`rope_theta`, `rope_scaling`) and the 5 one (`rope_parameters`)
+are read.
 """
 
 from __future__ import annotations
 
-from lmx.config import ModelConfig
+from lmx.config import ModelConfig, MoEConfig
 
-ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+         "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}
 # GPT-2's tanh-approximated gelu is lmx's 'gelu' (jax.nn.gelu, approximate=True).
 _GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
@@ -57,7 +60,7 @@ def model_config(hf: dict, *, dtype: str = "float32") -> ModelConfig:
                 rope_high_freq_factor=float(scaling["high_freq_factor"]),
                 rope_original_max_len=int(scaling["original_max_position_embeddings"]))
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
-  window = hf.get("sliding_window") if kind == "mistral" else None
+  window = hf.get("sliding_window") if kind in ("mistral", "mixtral") else None
   if kind == "llama" and hf.get("use_sliding_window"):
     raise UnsupportedModel("config.json sets use_sliding_window for a llama model, which "
                            "lmx does not import; use model_type 'mistral'.")
@@ -68,7 +71,27 @@ def model_config(hf: dict, *, dtype: str = "float32") -> ModelConfig:
       norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), position="rope",
       rope_theta=theta, max_seq_len=hf.get("max_position_embeddings", 2048),
       use_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      sliding_window=int(window or 0), dtype=dtype, **rope).validate()
+      sliding_window=int(window or 0), dtype=dtype, **rope,
+      moe=_mixtral_moe(hf) if kind == "mixtral" else MoEConfig()).validate()
+
+
+def _mixtral_moe(hf: dict) -> MoEConfig:
+  """lmx's `model.moe` equal to a Mixtral config.json: every layer MoE, softmax router with
+  the top-k weights renormalized, dropless (Mixtral drops nothing), no shared experts; each
+  expert as wide as `intermediate_size` (ModelConfig.d_ff)."""
+  e, k = int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2))
+  if k == 1 and e > 1:
+    raise UnsupportedModel("config.json has num_experts_per_tok=1, for which Mixtral weights "
+                           "each token's expert by 1 while lmx's softmax router keeps its "
+                           "probability (Switch), so the outputs would differ.")
+  if not 1 <= k <= e:
+    raise UnsupportedModel(f"config.json has num_experts_per_tok={k}; it must be between 1 "
+                           f"and num_local_experts={e}.")
+  # HF's balance loss counts each of the k choices (its shares sum to k), lmx's averages
+  # them (shares sum to 1): the same loss needs lmx's coefficient k times HF's.
+  return MoEConfig(num_experts=e, top_k=k, capacity_factor=0.0, shared_experts=0,
+                   every_n_layers=1, router="softmax", router_z_loss=0.0,
+                   aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * k)
 
 
 def _gpt2_config(hf: dict, dtype: str) -> ModelConfig:
@@ -92,15 +115,15 @@ def _gpt2_config(hf: dict, dtype: str) -> ModelConfig:
 
 
 def arch_of(cfg: ModelConfig) -> str:
-  """'llama', 'mistral' or 'gpt2': the HF model_type whose forward pass equals `cfg`'s.
-  Raises UnsupportedModel naming the first setting no exported architecture has."""
+  """'llama', 'mistral', 'mixtral' or 'gpt2': the HF model_type whose forward pass equals
+  `cfg`'s. Raises UnsupportedModel naming the first setting no exported architecture has."""
   checks_llama = {"mlp": "swiglu", "norm": "rmsnorm", "position": "rope", "use_bias": False,
                   "norm_position": "pre"}
   checks_gpt2 = {"mlp": "gelu", "norm": "layernorm", "position": "learned", "use_bias": True,
                  "norm_position": "pre"}
   if cfg.moe.num_experts:
-    raise UnsupportedModel("model.moe.num_experts > 0: MoE models have no LLaMA or GPT-2 "
-                           "equivalent to export to.")
+    _check_mixtral(cfg, checks_llama)
+    return "mixtral"
   for name, checks in (("llama", checks_llama), ("gpt2", checks_gpt2)):
     if all(getattr(cfg, k) == v for k, v in checks.items()):
       if name == "gpt2" and cfg.sliding_window:
@@ -112,6 +135,26 @@ def arch_of(cfg: ModelConfig) -> str:
                          "export needs a LLaMA-style (swiglu, rmsnorm, rope, no biases, pre-norm) "
                          "or GPT-2-style (gelu, layernorm, learned positions, biases, pre-norm) "
                          "model.")
+
+
+def _check_mixtral(cfg: ModelConfig, checks_llama: dict) -> None:
+  """Refuse (one sentence naming the field) an MoE model Mixtral cannot express. A capacity
+  model (capacity_factor > 0) passes: Mixtral is its dropless twin, which is also what lmx
+  decodes with."""
+  m = cfg.moe
+  bad = next((k for k, v in checks_llama.items() if getattr(cfg, k) != v), None)
+  if bad:
+    raise UnsupportedModel(f"model.{bad}={getattr(cfg, bad)!r} has no Mixtral equivalent: an "
+                           "MoE export needs swiglu experts, rmsnorm, rope, no biases and "
+                           "pre-norm.")
+  want = {"router": "softmax", "every_n_layers": 1, "shared_experts": 0}
+  bad = next((k for k, v in want.items() if getattr(m, k) != v), None)
+  if bad:
+    raise UnsupportedModel(f"model.moe.{bad}={getattr(m, bad)!r} has no Mixtral equivalent "
+                           f"(Mixtral has {bad}={want[bad]!r}).")
+  if m.top_k == 1 and m.num_experts > 1:
+    raise UnsupportedModel("model.moe.top_k=1 has no Mixtral equivalent: lmx then weights the "
+                           "expert by its router probability, Mixtral renormalizes it to 1.")
 
 
 def hf_config(cfg: ModelConfig, *, torch_dtype: str = "float32") -> dict:
@@ -135,7 +178,13 @@ def hf_config(cfg: ModelConfig, *, torch_dtype: str = "float32") -> dict:
   if kind == "llama":
     out["mlp_bias"] = False
   else:
-    out["sliding_window"] = cfg.sliding_window
+    out["sliding_window"] = cfg.sliding_window or None  # Mixtral's default: none
+  if kind == "mixtral":
+    from lmx.model.moe import expert_ff
+    m = cfg.moe
+    out.update(intermediate_size=expert_ff(cfg), num_local_experts=m.num_experts,
+               num_experts_per_tok=m.top_k, router_aux_loss_coef=m.aux_loss_coef / m.top_k,
+               router_jitter_noise=0.0, output_router_logits=False)
   if cfg.rope_scaling == "llama3":
     out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
                            "low_freq_factor": cfg.rope_low_freq_factor,
