@@ -156,7 +156,8 @@ def run_config_dict(exp: Experiment) -> dict[str, Any]:
     raise ValueError(f"the experiment does not survive config.json: {e}") from None
   if back != exp:
     diff = _differences(dataclasses.asdict(exp), dataclasses.asdict(back))
-    raise ValueError(f"the experiment does not survive config.json: {', '.join(diff)}")
+    raise ValueError("the experiment does not survive a round trip through config.json "
+                     f"(field: given -> rebuilt): {', '.join(diff)}")
   return d
 
 

@@ -47,11 +47,15 @@ def test_plain_asdict_does_not_round_trip_a_peft_run():
   assert run_config_dict(own)["train"]["trainable"] == "^blocks"
 
 
-def test_an_experiment_edited_past_validation_is_refused():
-  exp = _exp("default.py")
+def test_an_experiment_edited_past_validation_is_refused(tmp_path, capsys):
+  from lmx.train import loop  # (already imported by test_train_loop's collection)
+  exp = _exp("default.py", f"--config.run_dir={tmp_path}")
   bad = dataclasses.replace(exp, model=dataclasses.replace(exp.model, dtype="bfloat16"))
-  with pytest.raises(ValueError, match="model.dtype"):
+  with pytest.raises(ValueError, match="model.dtype: 'bfloat16' -> 'float32'"):
     run_config_dict(bad)
+  loop._record_config(bad)  # the trainer says so and goes on without a config.json
+  assert "not writing config.json" in capsys.readouterr().err
+  assert not (tmp_path / "config.json").exists()
 
 
 def test_record_then_load(tmp_path):
@@ -99,6 +103,9 @@ def test_run_flag_loads_the_record_with_overrides(tmp_path):
   assert got == dataclasses.replace(
       exp, train=dataclasses.replace(exp.train, steps=5),
       peft=dataclasses.replace(exp.peft, rank=2))
+  # model.dtype is not recorded: it follows an overridden train.precision.
+  half = load_experiment(["--run", run, "--config.train.precision=bfloat16"])[0]
+  assert half.model.dtype == half.train.precision == "bfloat16"
   with pytest.raises(ConfigError, match="`train.stepz` is not a known key"):
     load_experiment(["--run", run, "--config.train.stepz=5"])
   with pytest.raises(ConfigError, match="model.dtype"):
