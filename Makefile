@@ -26,6 +26,7 @@ run: $(BIN)/.core
 # Two worker processes (pytest-xdist), one test module per worker at a time (module-scoped
 # fixtures such as a compiled model or a running server are built once); most of the suite
 # is XLA compilation, which is single-threaded, so two workers use both cores of the CI VM.
+# tests/conftest.py hands out the longest modules first, so neither worker idles at the end.
 PYTEST_WORKERS ?= 2
 test: $(BIN)/.test
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope

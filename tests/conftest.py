@@ -75,3 +75,26 @@ def random_lm_batches(n, vocab_size, batch, seq):
                 "segment_ids": np.ones((batch, seq), np.int32),
                 "loss_mask": (rng.random((batch, seq)) > 0.1).astype(np.float32)})
   return out
+
+
+# The longest modules (per-module sums of a full run's --durations on the 2-core VM, longest
+# first) start first. pytest-xdist's loadscope hands a worker one whole module at a time, by
+# default the modules with the most tests first: these few-test, minute-long modules came
+# last, and the worker that drew one kept running while the other sat idle.
+_LONGEST_MODULES = (
+    "test_multihost_failure.py", "test_pipeline_parallel.py", "test_multiprocess.py",
+    "test_train_loop.py", "test_moe_parallel.py", "test_train_step.py", "test_serve.py",
+    "test_quality_lmx.py", "test_interop_convert.py", "test_parallel_layouts.py",
+    "test_engine_rows.py", "test_runtime.py", "test_objectives.py", "test_stack.py",
+    "test_moe_model.py", "test_speculative.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  """The modules in _LONGEST_MODULES first, in that order; the rest after, as collected."""
+  rank = {name: i for i, name in enumerate(_LONGEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

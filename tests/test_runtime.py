@@ -60,7 +60,7 @@ libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 size = 9 * 2**28  # 2.25 GiB: more than the largest positive int trim threshold
 faults = []
-for _ in range(3):  # allocate, touch every page, free -- as XLA does with its step buffer
+for _ in range(2):  # allocate, touch every page, free -- as XLA does with its step buffer
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   p = libc.malloc(size)
   ctypes.memset(p, 1, size)
@@ -86,7 +86,7 @@ def test_blocks_over_2_gib_are_kept_too():
   system, kept = faults("system"), faults("keep")
   assert min(system) > pages * 0.9, system  # glibc's default: a fresh mapping every time
   assert kept[0] > pages * 0.9, kept  # the first touch faults the pages in once...
-  assert max(kept[1:]) < pages // 100, kept  # ...and after that they are reused
+  assert kept[1] < pages // 100, kept  # ...and the second time they are reused
 
 
 def test_opt_out_leaves_malloc_alone():
