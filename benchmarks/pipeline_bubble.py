@@ -34,10 +34,12 @@ comes out below the device formula.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -68,6 +70,34 @@ def ops_bubble(op: np.ndarray, cost: dict, step_s: float) -> dict:
   return {"busy_s": [float(x) for x in busy], "lockstep_s": float(lockstep),
           "lockstep_bubble": float(1.0 - busy.sum() / (p * lockstep)),
           "bubble": float(1.0 - busy.sum() / (p * step_s))}
+
+
+def trace_idle(events) -> dict:
+  """Per-device idle share of the tick loop from profiler events (line, name, start_ns,
+  duration_ns): on the CPU backend each device's program runs on one thread (a trace
+  line), the tick loop is the outermost `while` that holds the ppermutes, and a stage
+  waiting for its neighbours sits in `Rendezvous` inside a ppermute. Share = waited /
+  loop time; `bubble` pools every device and step."""
+  by_line: dict = {}
+  for line, name, start, dur in events:
+    by_line.setdefault(line, []).append((start, dur, name))
+  shares, waited, spans = [], 0.0, 0.0
+  for evs in by_line.values():
+    evs.sort()
+    loops, end = [], -1
+    for start, dur, name in evs:
+      if (name == "while" or name.startswith("while.")) and start >= end:
+        loops.append((start, start + dur))
+        end = start + dur
+    for lo, hi in loops:
+      inside = [(d, n) for s, d, n in evs if lo <= s < hi]
+      if not any(n.startswith(("ppermute", "collective-permute")) for _, n in inside):
+        continue  # not the tick loop
+      w = sum(d for d, n in inside if n == "Rendezvous")
+      shares.append(w / (hi - lo))
+      waited, spans = waited + w, spans + (hi - lo)
+  return {"bubble": waited / spans if spans else float("nan"),
+          "device_idle": sorted(shares), "loops": len(shares)}
 
 
 def worker(args) -> None:
@@ -169,6 +199,20 @@ def worker(args) -> None:
     for k, (f, a) in ops.items():
       op_s[k].append(min(timed(f, *a)[0] for _ in range(3)))
   cost = {k: float(np.median(v)) for k, v in op_s.items()}
+  # The same steps under the profiler: each device's waits at the ppermutes.
+  opts = jax.profiler.ProfileOptions()
+  opts.python_tracer_level = 0
+  traced = {}
+  for k, fn in steps.items():
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d, profiler_options=opts):
+        for _ in range(args.trace_steps):
+          jax.block_until_ready(fn(params, data[k]))
+      (pb,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+      prof = jax.profiler.ProfileData.from_file(pb)
+      traced[k] = trace_idle((line.name, e.name, e.start_ns, e.duration_ns)
+                             for plane in prof.planes for line in plane.lines
+                             for e in line.events)
   print(json.dumps({"stages": p, "devices": jax.device_count(), "cpu_cores": os.cpu_count(),
                     "compile_s": round(compile_s, 1),
                     "op_s": {k: round(v, 6) for k, v in cost.items()},
@@ -179,17 +223,22 @@ def worker(args) -> None:
     for m, tm, fb in zip(ms, t, fit["bubble"]):
       s = make_schedule(kind, p, m)
       ob = ops_bubble(s.op, cost, tm)
+      tr = traced[(kind, m)]
       print(json.dumps({
           "schedule": kind, "stages": p, "microbatches": m, "devices": jax.device_count(),
           "cpu_cores": os.cpu_count(), "ticks": s.ticks, "step_s": round(tm, 5),
           "step_s_min": round(float(np.min(wall[(kind, m)])), 5),
           "bubble_fit": round(fb, 4), "bubble_ops": round(ob["bubble"], 4),
+          "bubble_trace": round(tr["bubble"], 4),
+          "device_idle_trace": [round(min(tr["device_idle"]), 3),
+                                round(max(tr["device_idle"]), 3)],
           "formula": round((p - 1) / (m + p - 1), 4), "table_idle": round(s.bubble(), 4),
           "table_idle_measured_costs": round(ob["lockstep_bubble"], 4),
           "lockstep_pred_s": round(ob["lockstep_s"], 5),
           "ramp_microbatches": round(fit["ramp_microbatches"], 3),
           "cpu_share": round(float(np.sum(cpu[(kind, m)]) / np.sum(wall[(kind, m)]) / p), 3),
-          "method": "fit: 1 - slope*m/T(m); ops: 1 - sum(stage busy)/(p*T(m))",
+          "method": "fit: 1 - slope*m/T(m); ops: 1 - sum(stage busy)/(p*T(m)); "
+                    "trace: waits at the ppermutes / tick-loop time, every device",
           "load_1min": round(os.getloadavg()[0], 2)}), flush=True)
 
 
@@ -204,6 +253,7 @@ def main() -> None:
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--vocab", type=int, default=256)
   ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--trace_steps", type=int, default=2, help="profiled steps per setting")
   ap.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
