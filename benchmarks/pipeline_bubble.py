@@ -72,32 +72,51 @@ def ops_bubble(op: np.ndarray, cost: dict, step_s: float) -> dict:
           "bubble": float(1.0 - busy.sum() / (p * step_s))}
 
 
-def trace_idle(events) -> dict:
-  """Per-device idle share of the tick loop from profiler events (line, name, start_ns,
-  duration_ns): on the CPU backend each device's program runs on one thread (a trace
-  line), the tick loop is the outermost `while` that holds the ppermutes, and a stage
-  waiting for its neighbours sits in `Rendezvous` inside a ppermute. Share = waited /
-  loop time; `bubble` pools every device and step."""
+def trace_idle(events, p: int, wall_s: float) -> dict:
+  """Device idle share from profiler events (line, name, start_ns, duration_ns) of steps
+  that took wall_s seconds in all: a stage waiting for a neighbour sits in a `Rendezvous`
+  inside a ppermute. NOTE: a device's program does not stay on one thread (XLA:CPU resumes
+  it on whichever thread finished a collective), so waits are pooled over threads, not
+  told apart by device. bubble = waited device-seconds / (p wall_s)."""
   by_line: dict = {}
   for line, name, start, dur in events:
     by_line.setdefault(line, []).append((start, dur, name))
-  shares, waited, spans = [], 0.0, 0.0
+  waited = 0.0
   for evs in by_line.values():
-    evs.sort()
-    loops, end = [], -1
-    for start, dur, name in evs:
-      if (name == "while" or name.startswith("while.")) and start >= end:
-        loops.append((start, start + dur))
-        end = start + dur
-    for lo, hi in loops:
-      inside = [(d, n) for s, d, n in evs if lo <= s < hi]
-      if not any(n.startswith(("ppermute", "collective-permute")) for _, n in inside):
-        continue  # not the tick loop
-      w = sum(d for d, n in inside if n == "Rendezvous")
-      shares.append(w / (hi - lo))
-      waited, spans = waited + w, spans + (hi - lo)
-  return {"bubble": waited / spans if spans else float("nan"),
-          "device_idle": sorted(shares), "loops": len(shares)}
+    perms = [(s, s + d) for s, d, n in evs if n.startswith(("ppermute", "collective-permute"))]
+    waited += sum(d for s, d, n in evs
+                  if n == "Rendezvous" and any(lo <= s < hi for lo, hi in perms))
+  return {"idle_s": waited / 1e9, "bubble": waited / 1e9 / (p * wall_s)}
+
+
+def sleeping_block_graphdef(cfg, seconds: float):
+  """The graphdef of a Block with the same parameters whose forward sleeps `seconds` (its
+  backward 2x) instead of computing: stage ops whose length no CPU contention stretches,
+  so the executor's lockstep timing shows on any machine and at any p."""
+  import jax
+  from flax import nnx
+
+  from jax.experimental import io_callback
+
+  from lmx.model.stack import Block
+
+  def nap(x, s):  # sleep on the device's thread, return x; the GIL is free while asleep
+    # io_callback, not pure_callback: a backward's recomputed forward has no residuals
+    # to keep, and XLA would drop a pure call whose output is unused.
+    return io_callback(lambda a: (time.sleep(s), a)[1],
+                       jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+  @jax.custom_vjp
+  def op(x):
+    return nap(x, seconds)
+
+  op.defvjp(lambda x: (op(x), None), lambda _, g: (nap(g, 2 * seconds),))
+
+  class SleepingBlock(Block):
+    def forward(self, x, positions, segment_ids, key=None):
+      return op(x), {}
+
+  return nnx.split(nnx.eval_shape(lambda: SleepingBlock(cfg, rngs=nnx.Rngs(0))))[0]
 
 
 def worker(args) -> None:
@@ -106,6 +125,7 @@ def worker(args) -> None:
   import jax
   import jax.numpy as jnp
   from flax import nnx
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from lmx.config import MeshConfig, ModelConfig, TrainConfig
   from lmx.model import Transformer
@@ -138,20 +158,29 @@ def worker(args) -> None:
     graphdef, _, _, init = plan_train_state(lambda r: Transformer(cfg, rngs=r),
                                             make_optimizer(train), train, 0, mesh)
     state, rest = init()
-    params = state.params
-    parts = pipeline_parts(graphdef, rest, params)
     _, rules = active_mesh()
-    steps, data = {}, {}
-    t0 = time.perf_counter()
-    for kind in kinds:
-      for m in ms:
-        fn = jax.jit(lambda prm, b, kind=kind, m=m: pipeline_value_and_grad(
-            parts, prm, b, jnp.float32(1.0 / (m * args.mb_rows * args.seq)), kind=kind,
-            microbatches=m, mesh=mesh, rules=rules, z_loss=0.0, chunk_tokens=0))
-        data[(kind, m)] = batch(m * args.mb_rows)
-        jax.block_until_ready(fn(params, data[(kind, m)]))  # compile + warm up
-        steps[(kind, m)] = fn
-    compile_s = time.perf_counter() - t0
+  # The executor on a mesh of the pipeline axis alone: the shard_map is then manual over
+  # every axis whatever lmx's executor leaves to the partitioner, which host callbacks
+  # (--sleep_ms) need; a size-1 axis changes nothing else.
+  pmesh = Mesh(np.array(jax.devices()), ("pipeline",))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, v: jax.device_put(v, NamedSharding(pmesh, P(
+          "pipeline" if str(getattr(path[0], "key", "")) == "layers" else None))),
+      state.params)
+  parts = pipeline_parts(graphdef, rest, params)
+  if args.sleep_ms:
+    parts = (*parts[:2], sleeping_block_graphdef(cfg, args.sleep_ms / 1e3), *parts[3:])
+  steps, data = {}, {}
+  t0 = time.perf_counter()
+  for kind in kinds:
+    for m in ms:
+      fn = jax.jit(lambda prm, b, kind=kind, m=m: pipeline_value_and_grad(
+          parts, prm, b, jnp.float32(1.0 / (m * args.mb_rows * args.seq)), kind=kind,
+          microbatches=m, mesh=pmesh, rules=rules, z_loss=0.0, chunk_tokens=0))
+      data[(kind, m)] = batch(m * args.mb_rows)
+      jax.block_until_ready(fn(params, data[(kind, m)]))  # compile + warm up
+      steps[(kind, m)] = fn
+  compile_s = time.perf_counter() - t0
 
   # The stage ops alone on one device (the same functions the executor runs per tick).
   dev = jax.devices()[0]
@@ -205,15 +234,17 @@ def worker(args) -> None:
   traced = {}
   for k, fn in steps.items():
     with tempfile.TemporaryDirectory() as d:
+      wall_s = 0.0
       with jax.profiler.trace(d, profiler_options=opts):
         for _ in range(args.trace_steps):
-          jax.block_until_ready(fn(params, data[k]))
+          wall_s += timed(fn, params, data[k])[0]
       (pb,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
       prof = jax.profiler.ProfileData.from_file(pb)
-      traced[k] = trace_idle((line.name, e.name, e.start_ns, e.duration_ns)
-                             for plane in prof.planes for line in plane.lines
-                             for e in line.events)
+      traced[k] = trace_idle([(line.name, e.name, e.start_ns, e.duration_ns)
+                              for plane in prof.planes for line in plane.lines
+                              for e in line.events], p, wall_s)
   print(json.dumps({"stages": p, "devices": jax.device_count(), "cpu_cores": os.cpu_count(),
+                    "stage_op": f"sleep {args.sleep_ms} ms/layer" if args.sleep_ms else "compute",
                     "compile_s": round(compile_s, 1),
                     "op_s": {k: round(v, 6) for k, v in cost.items()},
                     "load_1min": round(os.getloadavg()[0], 2)}), flush=True)
@@ -226,19 +257,18 @@ def worker(args) -> None:
       tr = traced[(kind, m)]
       print(json.dumps({
           "schedule": kind, "stages": p, "microbatches": m, "devices": jax.device_count(),
+          "stage_op": "sleep" if args.sleep_ms else "compute",
           "cpu_cores": os.cpu_count(), "ticks": s.ticks, "step_s": round(tm, 5),
           "step_s_min": round(float(np.min(wall[(kind, m)])), 5),
           "bubble_fit": round(fb, 4), "bubble_ops": round(ob["bubble"], 4),
           "bubble_trace": round(tr["bubble"], 4),
-          "device_idle_trace": [round(min(tr["device_idle"]), 3),
-                                round(max(tr["device_idle"]), 3)],
           "formula": round((p - 1) / (m + p - 1), 4), "table_idle": round(s.bubble(), 4),
           "table_idle_measured_costs": round(ob["lockstep_bubble"], 4),
           "lockstep_pred_s": round(ob["lockstep_s"], 5),
           "ramp_microbatches": round(fit["ramp_microbatches"], 3),
           "cpu_share": round(float(np.sum(cpu[(kind, m)]) / np.sum(wall[(kind, m)]) / p), 3),
           "method": "fit: 1 - slope*m/T(m); ops: 1 - sum(stage busy)/(p*T(m)); "
-                    "trace: waits at the ppermutes / tick-loop time, every device",
+                    "trace: waits at the ppermutes / (p*T)",
           "load_1min": round(os.getloadavg()[0], 2)}), flush=True)
 
 
@@ -254,6 +284,8 @@ def main() -> None:
   ap.add_argument("--vocab", type=int, default=256)
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--trace_steps", type=int, default=2, help="profiled steps per setting")
+  ap.add_argument("--sleep_ms", type=float, default=0.0,
+                  help="> 0: every layer sleeps this long (its backward 2x) instead of computing")
   ap.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:

@@ -66,21 +66,18 @@ def test_ops_bubble_charges_every_op_of_a_longer_table(bench):
   assert got["bubble"] == pytest.approx(1 - 34 / (4 * 30))
 
 
-def test_trace_idle_reads_the_waits_inside_each_devices_tick_loop(bench):
-  """Two device threads, each with a 100 ns tick loop (the outermost while holding
-  ppermutes) around a nested layer scan: device a waits 10 + 30 ns, device b 50 ns. A
-  Rendezvous after the loop (the final psum) and a thread whose while has no ppermute
-  (not the tick loop) do not count. Shares 0.4 and 0.5; pooled 90 / 200."""
+def test_trace_idle_pools_the_waits_inside_ppermutes(bench):
+  """Two threads: waits of 10 + 30 ns and 50 ns inside ppermutes count; a Rendezvous of
+  the final all-reduce and one outside any ppermute do not. p = 2 devices over a 100 ns
+  step: 90 / 200."""
   ev = [
-      ("dev_a", "while.14", 1000, 100), ("dev_a", "while.3", 1005, 20),  # nested scan
-      ("dev_a", "ppermute.6", 1030, 12), ("dev_a", "Rendezvous", 1031, 10),
-      ("dev_a", "ppermute.6", 1060, 35), ("dev_a", "Rendezvous", 1062, 30),
-      ("dev_a", "all-reduce.1", 1150, 9), ("dev_a", "Rendezvous", 1151, 8),
-      ("dev_b", "while.14", 1000, 100), ("dev_b", "collective-permute.2", 1010, 52),
-      ("dev_b", "Rendezvous", 1011, 50),
-      ("pool", "while.3", 1005, 50), ("pool", "Rendezvous", 1010, 40),
+      ("t1", "while.14", 1000, 100), ("t1", "ppermute.6", 1030, 12),
+      ("t1", "Rendezvous", 1031, 10), ("t1", "ppermute.6", 1060, 35),
+      ("t1", "Rendezvous", 1062, 30), ("t1", "all-reduce.1", 1150, 9),
+      ("t1", "Rendezvous", 1151, 8),
+      ("t2", "collective-permute.2", 1010, 52), ("t2", "Rendezvous", 1011, 50),
+      ("t2", "Rendezvous", 1070, 40),
   ]
-  got = bench.trace_idle(ev)
-  assert got["loops"] == 2
-  assert got["device_idle"] == pytest.approx([0.4, 0.5])
+  got = bench.trace_idle(ev, 2, 100e-9)
+  assert got["idle_s"] == pytest.approx(90e-9)
   assert got["bubble"] == pytest.approx(90 / 200)
