@@ -77,7 +77,7 @@ def test_import_generate_finetune_export(tmp_path, capsys, monkeypatch):
           "--config.checkpoint.async_save=False", f"--config.data.cache_dir={tmp_path}/cache"]
   assert loop.cli_main(over) == 0
   out = tmp_path / "out"
-  assert convert.cli_main(["--from", str(ft), "--to_hf", str(out)] + over) == 0
+  assert convert.cli_main(["--from", str(ft), "--to_hf", str(out)]) == 0  # ft/config.json
   ft_exp, _ = load_experiment(over)
   tuned = Transformer(ft_exp.model, rngs=nnx.Rngs(0))
   restore_params(ft_exp, tuned)
@@ -94,7 +94,7 @@ def test_import_generate_finetune_export(tmp_path, capsys, monkeypatch):
                  "--config.train.steps=3", "--config.train.learning_rate=0.03"]
   assert loop.cli_main(lora) == 0
   assert convert.cli_main(["--from", str(tmp_path / "lora"), "--to_hf", str(out / "lora"),
-                           "--no_tokenizer"] + lora) == 0
+                           "--no_tokenizer"]) == 0  # its config.json (peft.method=lora)
   lora_exp, _ = load_experiment(lora)
   adapted = Transformer(lora_exp.model, rngs=nnx.Rngs(0))
   restore_params(lora_exp, adapted)  # base from init_from + the trained adapters

@@ -94,10 +94,3 @@ def test_assign_params_rejects_wrong_shapes():
     hf.assign_params(model, tree)
 
 
-def test_moe_export_is_refused_in_one_sentence(tmp_path):
-  from lmx.config import MoEConfig
-  cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=8,
-                    moe=MoEConfig(num_experts=4)).validate()
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  with pytest.raises(hf.UnsupportedModel, match="num_experts=4 experts"):
-    hf.to_pretrained(model, cfg, tmp_path / "out")

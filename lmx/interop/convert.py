@@ -1,7 +1,7 @@
 """`lmx convert`: Hugging Face directories <-> lmx run directories.
 
     lmx convert --from_hf HF_DIR --to RUN_DIR      # import
-    lmx convert --from RUN_DIR --to_hf HF_DIR [--config=EXPERIMENT [--config.x.y=v ...]]
+    lmx convert --from RUN_DIR --to_hf HF_DIR [--config=EXPERIMENT] [--config.x.y=v ...]
 
 Import writes the weights as the Orbax checkpoint lmx's own runs end with
 (RUN_DIR/best/0/params, what `train.init_from` and `lmx generate/evaluate` read), copies the
@@ -17,9 +17,9 @@ work. An MoE run (`model.moe`) is exported as Mixtral where its settings allow (
 lmx.interop.hf_config.arch_of); a capacity run (capacity_factor > 0) as its dropless twin,
 which the printed summary notes. A LoRA / QLoRA run is exported merged (its base from
 `train.init_from` plus (alpha/r) A B); other PEFT methods are refused. Export needs the
-run's experiment: `lmx train` does not record it in the run directory, so pass the same
---config (and overrides) the run was trained with; a run made by import (or fine-tuned from
-one with its experiment.py) finds RUN_DIR/experiment.py.
+run's experiment: without --config it is the one the run recorded (RUN_DIR/config.json,
+written by `lmx train`, or RUN_DIR/experiment.py from an import), with any --config.x=v
+overrides applied on top.
 """
 
 from __future__ import annotations
@@ -207,19 +207,18 @@ def cli_main(argv: Sequence[str]) -> int:
 
 
 def _run(p: argparse.ArgumentParser, args, cfg_args: list[str]) -> dict:
-  from lmx.experiment import load_experiment
+  from lmx.experiment import load_experiment, recorded_config_dict
   if args.from_hf:
     if not args.to:
       p.error("--from_hf needs --to RUN_DIR")
     return import_hf(args.from_hf, args.to, args.dtype)
   if not args.to_hf:
     p.error("--from needs --to_hf DIR")
-  if not cfg_args:
-    own = pathlib.Path(args.from_run) / "experiment.py"
-    if not own.exists():
-      p.error(f"{args.from_run} has no experiment.py (lmx train does not record its "
-              "config); pass --config=EXPERIMENT with the overrides the run was trained with")
-    cfg_args = [f"--config={own}"]
+  if not any(a.startswith(("--config=", "--run=")) for a in cfg_args):  # the run's record
+    if recorded_config_dict(args.from_run) is None:
+      p.error(f"{args.from_run} has no experiment.py or config.json (lmx train writes it); "
+              "pass --config=EXPERIMENT with the overrides the run was trained with")
+    cfg_args = [f"--run={args.from_run}", *cfg_args]  # overrides apply on top
   exp, _ = load_experiment(cfg_args)
   return export_hf(args.from_run, args.to_hf, exp, dtype=args.dtype or "float32",
                    max_shard_bytes=int(args.max_shard_mb * 2**20),
