@@ -4,9 +4,9 @@ run by one executor.
 Stages are contiguous slices of the stacked layers (the `layers` parameter axis is split
 over `pipeline`, so stage s holds layers [s*L/p, (s+1)*L/p)). The batch is cut into m
 microbatches (`train.grad_accum_steps`). A schedule is data: for every tick and stage, an
-op (idle, forward F(i), backward B(i)) on microbatch i. One `shard_map` over the whole mesh
-runs a `lax.scan` over the ticks; each tick every stage does its op, then activations move
-one stage forward and cotangents one stage back with `ppermute`.
+op (idle, forward F(i), backward B(i)) on microbatch i. One `shard_map` runs a `lax.scan`
+over the ticks; each tick every stage does its op, then activations move one stage forward
+and cotangents one stage back with `ppermute`.
 
     tick:        0    1    2    3    4    5    6    7    8    9     (p=2, m=3, 1F1B)
     stage 0:     F0   .    F1   .    F2   B0   .    B1   .    B2
@@ -23,10 +23,18 @@ The last stage runs final norm + LM head + loss and their backward as one op, so
 embedding and head stay outside the pipeline: the embedding's output for all microbatches
 goes in, and d(loss)/d(embedding output) plus the head/norm gradients come out.
 
-NOTE: inside a stage, weights sharded over `fsdp`/`tensor` are gathered (the shard_map
-is manual over every mesh axis); the batch stays split over the data axes. Pipeline
-therefore composes with data parallelism and ZeRO (outside the pipeline), not yet with
-tensor parallelism inside a stage.
+The shard_map is manual only over `pipeline` and the pure data axes (`manual_axes`);
+`tensor` and `fsdp` stay with the SPMD partitioner (partial-manual shard_map). So inside a
+stage the matmuls run on the rules' Megatron splits (column-parallel wq/wk/wv/w1/w3,
+row-parallel wo/w2, an all-reduce of the (B/m, T, D) activations over `tensor` after each),
+and fsdp-split weights are gathered one layer at a time, as without a pipeline; the batch
+keeps its fsdp split. The last stage's LM head stays split over the vocabulary.
+
+NOTE: weights split over a *manual* axis -- ZeRO-3's `data` split -- are gathered for the
+whole stage at the shard_map's entry, and their gradient is psum'd whole before it is
+re-split. The body sets no sharding constraints (`use_mesh(None)`): the partitioner
+derives the activations' tensor layout from the weights, and the `sequence_parallel` rule
+set has no effect inside a stage.
 """
 
 from __future__ import annotations
@@ -150,6 +158,15 @@ def _batch_axes(mesh, rules) -> tuple[str, ...]:
   return tuple(a for a in table["batch"] if sizes.get(a, 1) > 1 and a != "pipeline")
 
 
+def manual_axes(mesh, rules) -> tuple[str, ...]:
+  """The mesh axes the executor handles by hand: `pipeline` (ppermute, axis_index) and the
+  pure data axes the batch is split over (the body psums their gradients). `tensor` and
+  `fsdp` stay with the SPMD partitioner (partial-manual shard_map), so inside a stage the
+  matmuls run on tensor-split weights and fsdp shards are gathered one layer at a time,
+  as outside the pipeline; the batch keeps its fsdp split as an auto-axis sharding."""
+  return ("pipeline",) + tuple(a for a in _batch_axes(mesh, rules) if a != "fsdp")
+
+
 def pipeline_value_and_grad(model_parts, params, batch, scale, *, kind: str, microbatches: int,
                             mesh, rules, z_loss: float, chunk_tokens: int):
   """Loss sums and gradients of the LM objective for one batch, pipelined.
@@ -195,7 +212,8 @@ def pipeline_value_and_grad(model_parts, params, batch, scale, *, kind: str, mic
         f"{m * n_data}.")
   xs = split(x)
   aux = {k: split(batch[k]) for k in ("positions", "segment_ids", "targets", "loss_mask")}
-  bspec = P(None, baxes if baxes else None)
+  daxes = manual_axes(mesh, rules)[1:]  # the data axes the body splits the batch over
+  bspec = P(None, daxes if daxes else None)
   tables = tuple(jnp.asarray(a) for a in (sched.op, sched.mb, sched.arrive_x, sched.arrive_g))
   x_slot, g_slot = jnp.asarray(sched.x_slot), jnp.asarray(sched.g_slot)
 
@@ -273,9 +291,9 @@ def pipeline_value_and_grad(model_parts, params, batch, scale, *, kind: str, mic
       return c, None
 
     c, _ = jax.lax.scan(tick, carry0, tables)  # one row of every table per tick
-    everything = ("pipeline",) + baxes
+    everything = ("pipeline",) + daxes
     return (jax.lax.psum(c["sums"], everything),
-            jax.lax.psum(c["d_lp"], baxes) if baxes else c["d_lp"],
+            jax.lax.psum(c["d_lp"], daxes) if daxes else c["d_lp"],
             jax.lax.psum(c["d_ns"], everything), jax.lax.psum(c["d_hw"], everything),
             jax.lax.psum(c["dx"], "pipeline"))
 
@@ -283,7 +301,7 @@ def pipeline_value_and_grad(model_parts, params, batch, scale, *, kind: str, mic
       body, mesh=mesh,
       in_specs=(P("pipeline"), P(), P(), bspec, bspec, P(), P(), P()),
       out_specs=(P(), P("pipeline"), P(), P(), bspec),
-      check_vma=False)
+      axis_names=frozenset(manual_axes(mesh, rules)), check_vma=False)
   with use_mesh(None):  # no sharding constraints inside the manual region
     sums, d_layers, d_ns, d_hw, dxs = smap(layers, norm_state, head_w, xs, aux, tables,
                                            x_slot, g_slot)
