@@ -1,34 +1,46 @@
-"""The pipeline bubble measured from step times, against (p-1)/(m+p-1) and the schedule
-table's idle share, as JSON lines (one per schedule, stage count p and microbatch count m).
+"""The pipeline bubble measured from step times and profiler traces, against (p-1)/(m+p-1)
+and the schedule table's idle share, as JSON lines (one per schedule, stage count p and
+microbatch count m). The executor is lmx's own (`pipeline_value_and_grad`), forward and
+backward of one batch, no optimizer.
 
     .venv/bin/python benchmarks/pipeline_bubble.py [--stages 2,4] [--microbatches 4,8,16]
+    .venv/bin/python benchmarks/pipeline_bubble.py --sleep_ms 1   # stage ops that sleep
 
 Each stage count runs in its own process with p fake CPU devices
-(`--xla_force_host_platform_device_count=p`) and one thread per device
-(`--xla_cpu_multi_thread_eigen=false`), so with p <= cores every stage has a core and step
-time is real time. The microbatch size is fixed and m varies, so the work per microbatch
-is constant and only the ramp and drain change. Two measured bubbles:
+(`--xla_force_host_platform_device_count=p`); every device runs its program on a thread
+of its own, so with p <= cores step time is real time. NOTE: ops inside a program still
+use the shared intra-op pool (`--xla_cpu_multi_thread_eigen=false` did not stop a single
+device's matmuls from running on 2 threads in jaxlib 0.10.2), so a stage alone in the ramp
+can borrow an idle stage's core. The microbatch size is fixed and m varies: the work per
+microbatch is constant and only the ramp and drain change. Three measured bubbles:
 
   fit: T(m) = a + b m over the m values of one (schedule, p). In lockstep every extra
-    microbatch adds one F-tick and one B-tick, so the slope b is one microbatch's time per
-    stage in the steady state, and bubble = 1 - b m / T(m). With T = b (m + p - 1) this is
-    exactly (p-1)/(m+p-1); the intercept in microbatches (a / b) is the measured ramp
-    (p - 1 plus whatever does not scale with m).
-  ops: each stage op (F, recompute+backward B, and the last stage's fused forward + loss +
-    backward) timed alone on one device, in the same process and rounds; the busy time of
-    stage s is its ops in the table, and bubble = 1 - sum_s busy_s / (p T(m)). This counts
-    everything that is not stage compute as idle: ramp and drain, the last stage's extra
-    head work (stage imbalance), the per-tick buffer updates and ppermutes.
+    microbatch adds one F-tick and one B-tick, so the slope b is one microbatch's time
+    per stage in the steady state and bubble = 1 - b m / T(m): the ramp and drain only,
+    the quantity (p-1)/(m+p-1) describes (exactly it when T = b (m + p - 1)). The
+    intercept in microbatches (a / b, `ramp_microbatches`) is p - 1 plus whatever does
+    not scale with m.
+  trace: the steps under `jax.profiler`; a stage waiting for a neighbour sits in a
+    `Rendezvous` inside its ppermute, so bubble = waited device-seconds / (p T). This is
+    all per-stage idle time, including the steady-state idle of an unbalanced stage:
+    compare it with `table_idle_measured_costs`, the table's lockstep idle share with the
+    measured op times.
+  ops: F, B (recomputed forward + backward) and the last stage's fused op L timed alone
+    on one device; bubble = 1 - sum of the table's op times / (p T). Counts as idle all
+    that is not stage compute (per-tick buffer updates, ppermutes), and runs high when a
+    lone op gets more cores than it does inside the pipeline.
 
-Rounds interleave every (schedule, m) and the single ops, so a change in machine load hits
-all of them alike; figures are medians over rounds. `cpu_share` is the process's CPU
-seconds per wall second per device during the steps: under 1 - bubble when idle stages
-sleep at the ppermute, near 1 if they spin, and far below on a machine whose cores are
-taken by other work (then the step times are not real time either).
+--sleep_ms S makes every layer sleep S ms (its backward 2S) on its device's thread
+instead of computing: op times that no CPU contention stretches, so the executor's
+lockstep timing shows on a loaded machine and at p > cores.
 
-NOTE: with p > cores (p = 4 on 2 cores) the stages share cores: a stage idle in the ramp
-lends its core to a busy one, so the measured bubble is of the cores, not the devices, and
-comes out below the device formula.
+Rounds interleave every (schedule, m) and the single ops, so a change in load hits all of
+them alike; figures are medians over rounds. `cpu_share` is the process's CPU seconds per
+wall second per device: near 1 - bubble on an idle machine (waiting stages sleep in the
+Rendezvous), far below it when other work holds the cores (then step times are not the
+pipeline's either). With p > cores the stages share cores: a stage idle in the ramp lends
+its core to a busy one and a busy stage waits for a core, so neither measure is the
+device bubble.
 """
 
 from __future__ import annotations
