@@ -263,7 +263,8 @@ def worker(args) -> None:
   for kind in kinds:
     t = [float(np.median(wall[(kind, m)])) for m in ms]
     fit = fit_bubble(ms, t)
-    for m, tm, fb in zip(ms, t, fit["bubble"]):
+    fit_min = fit_bubble(ms, [float(np.min(wall[(kind, m)])) for m in ms])  # under load
+    for m, tm, fb, fbm in zip(ms, t, fit["bubble"], fit_min["bubble"]):
       s = make_schedule(kind, p, m)
       ob = ops_bubble(s.op, cost, tm)
       tr = traced[(kind, m)]
@@ -272,7 +273,8 @@ def worker(args) -> None:
           "stage_op": "sleep" if args.sleep_ms else "compute",
           "cpu_cores": os.cpu_count(), "ticks": s.ticks, "step_s": round(tm, 5),
           "step_s_min": round(float(np.min(wall[(kind, m)])), 5),
-          "bubble_fit": round(fb, 4), "bubble_ops": round(ob["bubble"], 4),
+          "bubble_fit": round(fb, 4), "bubble_fit_of_min": round(fbm, 4),
+          "bubble_ops": round(ob["bubble"], 4),
           "bubble_trace": round(tr["bubble"], 4),
           "formula": round((p - 1) / (m + p - 1), 4), "table_idle": round(s.bubble(), 4),
           "table_idle_measured_costs": round(ob["lockstep_bubble"], 4),
@@ -282,6 +284,28 @@ def worker(args) -> None:
           "method": "fit: 1 - slope*m/T(m); ops: 1 - sum(stage busy)/(p*T(m)); "
                     "trace: waits at the ppermutes / (p*T)",
           "load_1min": round(os.getloadavg()[0], 2)}), flush=True)
+
+
+def markdown(paths: list[str]) -> str:
+  """The docs/parallelism.md table rows from this script's JSON lines (compute run first,
+  a --sleep_ms run optionally second)."""
+  runs = []
+  for path in paths:
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.startswith("{")]
+    runs.append({(r["schedule"], r["stages"], r["microbatches"]): r
+                 for r in rows if "schedule" in r})
+  out = []
+  for key, r in runs[0].items():
+    kind, p, m = key
+    cells = [kind, p, m, r["ticks"], r["table_idle"], r["formula"], r["bubble_fit"],
+             r["bubble_trace"], r["table_idle_measured_costs"], round(r["step_s"] * 1e3, 1)]
+    if len(runs) > 1 and key in runs[1]:
+      z = runs[1][key]
+      cells += [z["bubble_fit"], z["bubble_trace"], z["table_idle_measured_costs"]]
+    cells.append(make_schedule(kind, p, m).slots)
+    out.append("| " + " | ".join(str(c) for c in cells) + " |")
+  return "\n".join(out)
 
 
 def main() -> None:
@@ -298,10 +322,15 @@ def main() -> None:
   ap.add_argument("--trace_steps", type=int, default=2, help="profiled steps per setting")
   ap.add_argument("--sleep_ms", type=float, default=0.0,
                   help="> 0: every layer sleeps this long (its backward 2x) instead of computing")
+  ap.add_argument("--markdown", nargs="+", default=None, metavar="JSONL",
+                  help="print the docs table from saved output (compute run, then sleep run)")
   ap.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
     worker(args)
+    return
+  if args.markdown:
+    print(markdown(args.markdown))
     return
   print(json.dumps({"model": {"d_model": args.d_model, "layers": args.layers,
                               "vocab": args.vocab, "seq": args.seq, "mb_rows": args.mb_rows},
