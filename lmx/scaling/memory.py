@@ -55,9 +55,11 @@ flow through the stages, so activations follow the runtime's schedule table inst
 stage, `Schedule.slots` stage inputs and `g_slots` cotangents of one microbatch (B / m over
 the data axes, T, D), two ppermute buffers, the embedded batch of all m microbatches and its
 fp32 gradient, and one microbatch's residuals of the stage's L/p layers (saved) -- the stage
-recomputes them in its backward; the stage's layers gathered whole over fsdp/tensor (the
-shard_map is manual over every axis), their fp32 gradient accumulator, and the LM head and
-its fp32 gradient (weights). Inside a stage nothing is split over `tensor`.
+recomputes them in its backward, for the stage's tensor share of the heads, MLP width and
+vocabulary (`tensor` and `fsdp` stay with the partitioner inside a stage, fsdp gathering one
+layer at a time); the LM head's vocabulary share and its fp32 gradient (weights); and, only
+where the layers are also split over a manual data axis (ZeRO-3's `data`), the stage's
+layers gathered at the executor's entry plus their fp32 gradient.
 
 ZeRO (Rajbhandari et al. 2020), bytes per device for Psi parameters over N data replicas,
 mixed-precision Adam (fp16 params 2, fp16 grads 2, fp32 master + 2 moments K = 12):
@@ -270,15 +272,19 @@ def pipeline_activation_bytes(exp: Experiment, sizes, rules,
   rows = exp.data.batch_size // (m * n_data)
   seq, d = exp.data.seq_len, model.d_model
   x = rows * seq * d * jnp.dtype(model.dtype).itemsize  # one microbatch's (B/m, T, D)
-  stage = dataclasses.replace(model, n_layers=model.n_layers // p)
+  # A stage computes its tensor share (the partitioner keeps `tensor` and `fsdp` inside).
+  stage = local_model(dataclasses.replace(model, n_layers=model.n_layers // p), rules, sizes)
   saved, weights, working = activation_bytes(stage, rows, seq, exp.train.loss_chunk_tokens,
-                                             exp.train.z_loss, 1.0)
+                                             exp.train.z_loss, sizes["fsdp"])
   saved += (schedule.slots + schedule.g_slots + 2) * x + m * x + m * x * 4 // jnp.dtype(
       model.dtype).itemsize
-  head = d * model.vocab_size * (jnp.dtype(model.dtype).itemsize + 4)
+  head = d * stage.vocab_size * (jnp.dtype(model.dtype).itemsize + 4)
   weights += head
-  if layer_split > 1:  # the stage's layers gathered, and their gradient before the reduce
-    weights += 2 * 4 * count_params(model).per_layer * (model.n_layers // p)
+  stage_bytes = 4 * count_params(stage).per_layer * stage.n_layers / sizes["fsdp"]
+  if layer_split * stage_bytes > 1.01 * 4 * count_params(model).per_layer * stage.n_layers:
+    # Split further over a manual axis (ZeRO-3's `data`): gathered for the whole stage at
+    # the executor's entry, and their gradient before the reduce.
+    weights += round(2 * stage_bytes)
   return saved, weights, working, rows
 
 
