@@ -286,9 +286,10 @@ def worker(args) -> None:
           "load_1min": round(os.getloadavg()[0], 2)}), flush=True)
 
 
-def markdown(paths: list[str]) -> str:
+def markdown(paths: list[str], fit: str = "bubble_fit") -> str:
   """The docs/parallelism.md table rows from this script's JSON lines (compute run first,
-  a --sleep_ms run optionally second)."""
+  a --sleep_ms run optionally second); `fit` picks the fit of the median or
+  ('bubble_fit_of_min') the fastest step of each m."""
   runs = []
   for path in paths:
     with open(path) as f:
@@ -298,11 +299,13 @@ def markdown(paths: list[str]) -> str:
   out = []
   for key, r in runs[0].items():
     kind, p, m = key
-    cells = [kind, p, m, r["ticks"], r["table_idle"], r["formula"], r["bubble_fit"],
-             r["bubble_trace"], r["table_idle_measured_costs"], round(r["step_s"] * 1e3, 1)]
+    f3 = lambda x: f"{x:.3f}"
+    cells = [kind, p, m, r["ticks"], f3(r["table_idle"]), f3(r["formula"]), f3(r[fit]),
+             f3(r["bubble_trace"]), f3(r["table_idle_measured_costs"]),
+             f"{r['step_s'] * 1e3:.0f}"]
     if len(runs) > 1 and key in runs[1]:
       z = runs[1][key]
-      cells += [z["bubble_fit"], z["bubble_trace"], z["table_idle_measured_costs"]]
+      cells += [f3(z[fit]), f3(z["bubble_trace"]), f3(z["table_idle_measured_costs"])]
     cells.append(make_schedule(kind, p, m).slots)
     out.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(out)
@@ -324,13 +327,15 @@ def main() -> None:
                   help="> 0: every layer sleeps this long (its backward 2x) instead of computing")
   ap.add_argument("--markdown", nargs="+", default=None, metavar="JSONL",
                   help="print the docs table from saved output (compute run, then sleep run)")
+  ap.add_argument("--fit", choices=("median", "min"), default="median",
+                  help="--markdown: fit the median step (quiet machine) or the fastest (loaded)")
   ap.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
     worker(args)
     return
   if args.markdown:
-    print(markdown(args.markdown))
+    print(markdown(args.markdown, "bubble_fit_of_min" if args.fit == "min" else "bubble_fit"))
     return
   print(json.dumps({"model": {"d_model": args.d_model, "layers": args.layers,
                               "vocab": args.vocab, "seq": args.seq, "mb_rows": args.mb_rows},
