@@ -125,6 +125,10 @@ class ModelConfig:
   quant: str = ""
   quant_group: int = 64  # int4/nf4: weights per scale along the contraction axis
   kv_cache_dtype: str = ""  # '' keeps the KV cache in the compute dtype; 'int8' quantizes it
+  # The decode loops (lmx.infer): 'scan' the stacked layers every token, or 'unrolled' with
+  # each layer's weights and cache as separate buffers, sliced once per call (XLA:CPU copies
+  # a scanned weight slice every token; docs/decoding.md). auto = unrolled on CPU.
+  decode_layers: str = "auto"  # auto | scan | unrolled
   moe: MoEConfig = MoEConfig()  # `model.moe.*` in experiments
 
   def __post_init__(self):
@@ -203,6 +207,7 @@ class ModelConfig:
             "supported yet; use model.quant='' with model.moe.num_experts > 0")
     _choice("model.quant", self.quant, ("", "int8", "int4", "nf4"))
     _choice("model.kv_cache_dtype", self.kv_cache_dtype, ("", "int8"))
+    _choice("model.decode_layers", self.decode_layers, ("auto", "scan", "unrolled"))
     if self.quant in ("int4", "nf4"):
       g = self.quant_group
       if not isinstance(g, int) or isinstance(g, bool) or g < 2 or g % 2:

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from lmx.infer.engine import check_prompts, pad_prompts
-from lmx.model.transformer import KVCache, Transformer
+from lmx.model.transformer import KVCache, Transformer, for_decoding
 
 
 class _Carry(NamedTuple):
@@ -75,9 +75,11 @@ def _merge_pool(fin_seqs, fin_scores, fin_len, seqs, scores, lens, n: int):
 
 
 def reorder_cache(cache: KVCache, rows: jax.Array) -> KVCache:
-  """Gather cache rows (the batch axis: axis 1 of every (L, B, ...) leaf, axis 0 of
-  kv_start) -> row i of the result is row rows[i] of `cache`."""
-  layers = jax.tree.map(lambda x: jnp.take(x, rows, axis=1), cache.layers)
+  """Gather cache rows (the batch axis: axis 1 of every stacked (L, B, ...) leaf, axis 0
+  of a per-layer tuple's (B, ...) leaves (`UnrolledLayers`) and of kv_start) -> row i of
+  the result is row rows[i] of `cache`."""
+  axis = 0 if isinstance(cache.layers, tuple) else 1
+  layers = jax.tree.map(lambda x: jnp.take(x, rows, axis=axis), cache.layers)
   kv_start = None if cache.kv_start is None else jnp.take(cache.kv_start, rows, axis=0)
   return KVCache(layers=layers, index=cache.index, kv_start=kv_start)
 
@@ -88,7 +90,7 @@ def _beam(graphdef, state, tokens, start, stop_ids, *, max_new: int, beams: int,
           length_penalty: float, early_stopping: bool):
   """tokens (B, P) left-padded, start (B,), stop_ids (S,) -> (fin_seqs (B, N, max_new),
   fin_scores (B, N) sorted, fin_len (B, N), steps ())."""
-  model = nnx.merge(graphdef, state)
+  model = for_decoding(nnx.merge(graphdef, state))  # outside the loop (model.decode_layers)
   b, p = tokens.shape
   k, n = beams, n_best
   v = model.cfg.vocab_size

@@ -73,7 +73,7 @@ from flax import nnx
 
 from lmx.infer.sampling import (apply_penalties, apply_row_penalties, check_penalties,
                                  check_sampling_args, filter_logits, filter_row_logits)
-from lmx.model.transformer import KVCache, Transformer
+from lmx.model.transformer import KVCache, Transformer, for_decoding
 
 
 ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -326,8 +326,9 @@ def _advance(model: Transformer, fixed: _Fixed, c: _Carry, until: jax.Array,
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "opts"))
 def _start_jit(graphdef, state, tokens, start, key, stop_ids, min_new, rows=None, *,
                max_new: int, opts: SamplingOptions | _RowPlan) -> tuple[_Fixed, _Carry]:
-  return _start(nnx.merge(graphdef, state), tokens, start, key, stop_ids, min_new, rows,
-                max_new, opts)
+  # for_decoding: the layers' decode layout (model.decode_layers), made outside the loop.
+  return _start(for_decoding(nnx.merge(graphdef, state)), tokens, start, key, stop_ids,
+                min_new, rows, max_new, opts)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("carry",))
@@ -335,7 +336,7 @@ def _advance_jit(graphdef, state, fixed: _Fixed, carry: _Carry, until, *,
                  opts: SamplingOptions | _RowPlan) -> _Carry:
   """The carry is donated: the cache and the output buffers are updated in place across
   calls (a stream's chunks), never copied."""
-  return _advance(nnx.merge(graphdef, state), fixed, carry, until, opts)
+  return _advance(for_decoding(nnx.merge(graphdef, state)), fixed, carry, until, opts)
 
 
 @functools.partial(jax.jit, static_argnames=("width",))

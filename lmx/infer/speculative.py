@@ -52,7 +52,7 @@ from flax import nnx
 
 from lmx.infer.engine import (ROW_FIELDS, SamplingOptions, check_prompts, pad_prompts,
                               sampling_logits)
-from lmx.model.transformer import KVCache, Transformer
+from lmx.model.transformer import KVCache, Transformer, for_decoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +153,9 @@ def _spec_decode(graphdef, state, draft_graphdef, draft_state, tokens, start, ke
                  min_new, *, max_new: int, k: int, ngram: int, opts: SamplingOptions):
   """tokens (B, P) left-padded (P >= 2), start (B,) -> (out (B, max_new), length, stopped,
   rounds, accepted). draft_graphdef None = prompt lookup."""
-  model = nnx.merge(graphdef, state)
-  draft = None if draft_graphdef is None else nnx.merge(draft_graphdef, draft_state)
+  model = for_decoding(nnx.merge(graphdef, state))  # outside the loop (model.decode_layers)
+  draft = None if draft_graphdef is None else for_decoding(nnx.merge(draft_graphdef,
+                                                                     draft_state))
   greedy = opts.temperature == 0
   b, p = tokens.shape
   s_max = p + max_new + k

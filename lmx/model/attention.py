@@ -225,30 +225,34 @@ class Attention(Projections):
     return self._out(o, key)
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache,
-             index: jax.Array,
-             kv_start: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
+             index: jax.Array, kv_start: jax.Array | None = None, *,
+             whole: bool = False) -> tuple[jax.Array, LayerCache]:
     """Attend t new tokens x (B, t, D) to the cached prefix plus themselves, as if written
     at slot `index`. Returns (B, t, D) and the t new keys/values (B, t, K, H) in the cache
     dtype; the caller writes them into the cache (`lmx.model.stack.decode_layers` does it
-    once for all layers). `kv_start` (B,): per-row left padding to skip (`cache_mask`).
-    An int8 cache (k_scale set) gets the new keys/values quantized, and attention reads the
-    whole cache dequantized, the new tokens included (what later steps will read too)."""
+    once for all layers). whole=True returns instead this layer's whole cache with them
+    written (B, S, K, H): the buffer attention read, so a caller that keeps it as the new
+    cache (`UnrolledLayers`) updates it in place with no second write (two writes into one
+    buffer can make XLA copy it every step). `kv_start` (B,): per-row left padding to skip
+    (`cache_mask`). An int8 cache (k_scale set) gets the new keys/values quantized, and
+    attention reads the whole cache dequantized, the new tokens included (what later steps
+    will read too)."""
     q, k, v = self._qkv(x, positions)
     start = (0, index, 0, 0)
     if cache.k_scale is None:
       k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
       k_all = jax.lax.dynamic_update_slice(cache.k, k, start)  # (B, S, K, H)
       v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
-      new = LayerCache(k=k, v=v)
+      new = LayerCache(k=k_all, v=v_all) if whole else LayerCache(k=k, v=v)
     else:
       (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)  # (B, t, K, H), (B, t, K)
-      k_all = dequantize_kv(jax.lax.dynamic_update_slice(cache.k, k, start),
-                            jax.lax.dynamic_update_slice(cache.k_scale, k_scale, start[:3]),
-                            q.dtype)  # (B, S, K, H)
-      v_all = dequantize_kv(jax.lax.dynamic_update_slice(cache.v, v, start),
-                            jax.lax.dynamic_update_slice(cache.v_scale, v_scale, start[:3]),
-                            q.dtype)
-      new = LayerCache(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
+      written = LayerCache(k=jax.lax.dynamic_update_slice(cache.k, k, start),
+                           v=jax.lax.dynamic_update_slice(cache.v, v, start),
+                           k_scale=jax.lax.dynamic_update_slice(cache.k_scale, k_scale, start[:3]),
+                           v_scale=jax.lax.dynamic_update_slice(cache.v_scale, v_scale, start[:3]))
+      k_all = dequantize_kv(written.k, written.k_scale, q.dtype)  # (B, S, K, H)
+      v_all = dequantize_kv(written.v, written.v_scale, q.dtype)
+      new = written if whole else LayerCache(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
     mask = cache_mask(index, x.shape[1], cache.k.shape[1], kv_start)
     if self.cfg.sliding_window:
       q_slot = index + jnp.arange(x.shape[1], dtype=jnp.int32)  # (t,)

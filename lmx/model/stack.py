@@ -14,7 +14,8 @@ just a slice [i:j] of that axis given to `run_layers`.
 layer's input, 'save_dots' also keeps the weight matmuls (recomputing the attention scores
 and the elementwise work). `ModelConfig.scan_layers=False` runs the same stacked
 parameters unrolled, one slice at a time in a Python loop, so XLA sees every layer at once.
-Decoding with the stacked KV cache always scans (`decode_layers`).
+Decoding scans the stacked weights and KV cache (`decode_layers`), or, in the decode loops on
+CPU (`model.decode_layers`), runs an `UnrolledLayers` view: per-layer weights and caches.
 
 MoE (`model.moe`, lmx/model/moe.py): each Block's `forward` also returns its MoE layer's
 statistics, which the scan emits per layer and `LayerStack` turns into the loss and metric
@@ -93,11 +94,13 @@ class Block(nnx.Module):
                key: jax.Array | None = None) -> jax.Array:  # (B, T, D) -> (B, T, D)
     return self.forward(x, positions, segment_ids, key)[0]
 
-  def decode(self, x, positions, cache: LayerCache, index,
-             kv_start=None) -> tuple[jax.Array, LayerCache]:
-    """(B, t, D) -> (B, t, D) and this layer's t new keys/values (B, t, K, H)."""
-    out, new, _ = self._mix(x, lambda y: self.attn.decode(y, positions, cache, index, kv_start),
-                            lambda y: (self.mlp(y), {}))
+  def decode(self, x, positions, cache: LayerCache, index, kv_start=None, *,
+             whole: bool = False) -> tuple[jax.Array, LayerCache]:
+    """(B, t, D) -> (B, t, D) and this layer's t new keys/values (B, t, K, H) (whole=True:
+    its whole cache with them written, `Attention.decode`)."""
+    out, new, _ = self._mix(
+        x, lambda y: self.attn.decode(y, positions, cache, index, kv_start, whole=whole),
+        lambda y: (self.mlp(y), {}))
     return out, new
 
 
@@ -206,8 +209,9 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
 
   The scan carries only x and emits each layer's t new keys/values (L, B, t, K, H); one
   write after the scan puts them into the cache, so a donated cache is updated in place
-  (no copy in the compiled step). NOTE: decode scans whatever `scan_layers` says: unrolled,
-  XLA:CPU copied the whole donated cache twice per step, and was no faster.
+  (no copy in the compiled step). NOTE: decode scans whatever `scan_layers` says; the
+  unrolled decode layout is `UnrolledLayers` (slicing this stacked cache per layer inside
+  the loop made XLA:CPU copy the whole donated cache twice per step).
   """
 
   def layer(x, inputs):
@@ -299,3 +303,54 @@ class LayerStack(nnx.Module):
              kv_start: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
     graphdef, layers = nnx.split(self.block)
     return decode_layers(graphdef, layers, x, positions, cache, index, kv_start)
+
+  def decoder(self) -> LayerStack | UnrolledLayers:
+    """What a decode loop runs the layers with (`model.decode_layers`): this stack (a scan
+    over the stacked weights and cache) or an `UnrolledLayers` view of it. Call it once per
+    jitted call, outside the loop, and pass it to `Transformer.init_cache/decode(layers=)`."""
+    mode = self.cfg.decode_layers
+    if mode == "auto":
+      mode = "unrolled" if jax.default_backend() == "cpu" else "scan"
+    return UnrolledLayers(self) if mode == "unrolled" else self
+
+
+class UnrolledLayers:
+  """A decode-time view of a LayerStack: every layer a separate Block with its own weight
+  and cache buffers.
+
+  Why: inside a `while_loop`, XLA:CPU copies each layer's slice of a stacked weight before
+  its matmul (a dynamic-slice in the scan, or a static slice: it does not hoist either out
+  of the loop), so a scanned decode step reads every weight twice and writes it once --
+  about half the memory-bandwidth limit at batch 1 (docs/decoding.md). Here the slices
+  are taken once, when the view is made (one copy of the layer weights per jitted call,
+  which is also the extra memory), and the loop body reads the weights in place. The cache
+  is a tuple of per-layer `LayerCache`s, k/v (B, S, K, H) (the batch axis first, unlike the
+  stacked (L, B, ...)), each written in place by the attention that reads it
+  (`Attention.decode(whole=True)`). NOTE: leaves (1, B, S, ...) squeezed for attention and
+  re-expanded made XLA copy every layer's cache twice per step; 4-d leaves copy nothing.
+  """
+
+  def __init__(self, stack: LayerStack):
+    self.stack = stack
+    graphdef, layers = nnx.split(stack.block)
+    units = [nnx.merge(graphdef, p) for p in _unstack(layers)]
+    self.blocks = []
+    for unit in units:
+      if isinstance(unit, MoEGroup):  # its n - 1 dense layers, then its MoE layer
+        dense_gd, dense = nnx.split(unit.dense)
+        self.blocks += [nnx.merge(dense_gd, p) for p in _unstack(dense)] + [unit.moe]
+      else:
+        self.blocks.append(unit)
+
+  def init_cache(self, batch: int, max_len: int) -> tuple[LayerCache, ...]:
+    stacked = self.stack.init_cache(batch, max_len)
+    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(len(self.blocks)))
+
+  def decode(self, x: jax.Array, positions: jax.Array, cache: tuple[LayerCache, ...],
+             index: jax.Array, kv_start: jax.Array | None = None
+             ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+    out = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, written = block.decode(x, positions, layer_cache, index, kv_start, whole=True)
+      out.append(written)
+    return x, tuple(out)

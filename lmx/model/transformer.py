@@ -41,8 +41,10 @@ class KVCache:
   model.kv_cache_dtype='int8', `LayerCache`), plus `index`: the int32 number of
   slots already written (the same for every row and layer), and optionally `kv_start`
   (B,) int32: row b's first real slot; slots before it hold left padding that attention
-  skips (ragged prompts, `lmx.infer.engine`). None means every slot is real."""
-  layers: LayerCache
+  skips (ragged prompts, `lmx.infer.engine`). None means every slot is real.
+  In the decode loops on CPU `layers` is instead a tuple of per-layer LayerCaches, k/v
+  (B, S_max, K, H) (`for_decoding`, `lmx.model.stack.UnrolledLayers`)."""
+  layers: LayerCache | tuple[LayerCache, ...]
   index: jax.Array
   kv_start: jax.Array | None = None
 
@@ -51,6 +53,36 @@ def head_logits(x: jax.Array, w: jax.Array) -> jax.Array:
   """(..., T, D) hidden states times the (D, V) head -> float32 logits (..., T, V)."""
   logits = jnp.einsum("...TD,DV->...TV", x, w, preferred_element_type=jnp.float32)
   return constrain(logits, ("batch", "seq", "vocab")) if logits.ndim == 3 else logits
+
+
+class DecodingView:
+  """A model whose layers run through `layers` (`LayerStack.decoder()`) in `init_cache` and
+  `decode`; everything else is the model's. Made once per jitted call, outside the loop."""
+
+  def __init__(self, model: Transformer, layers):
+    self._model, self._layers = model, layers
+
+  def init_cache(self, *args, **kwargs) -> KVCache:
+    return self._model.init_cache(*args, layers=self._layers, **kwargs)
+
+  def decode(self, *args, **kwargs) -> tuple[jax.Array, KVCache]:
+    return self._model.decode(*args, layers=self._layers, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+
+def for_decoding(model):
+  """What a decode loop should call: the model with its layers laid out for decoding
+  (`model.decode_layers`: on CPU by default each layer's weights and cache as separate
+  buffers, `lmx.model.stack.UnrolledLayers`). Call it inside the jitted function, before
+  the loop. Other objects with the decode interface (test doubles) pass through."""
+  layers = getattr(model, "layers", None)
+  decoder = getattr(layers, "decoder", None)
+  if decoder is None:
+    return model
+  chosen = decoder()
+  return model if chosen is layers else DecodingView(model, chosen)
 
 
 class Transformer(nnx.Module):
@@ -152,11 +184,13 @@ class Transformer(nnx.Module):
                     dropout_key=dropout_key)
     return head_logits(x, self.head_weight())
 
-  def init_cache(self, batch: int, max_len: int,
-                 kv_start: jax.Array | None = None) -> KVCache:
+  def init_cache(self, batch: int, max_len: int, kv_start: jax.Array | None = None, *,
+                 layers=None) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` slots (prompt + generated).
 
     kv_start: optional (batch,) int32, the number of left-padding slots of each row.
+    layers: what runs the layers (`self.layers.decoder()` in the decode loops; default the
+    stack itself); the cache's layout is its, and `decode` must get the same.
     """
     if self.cfg.position == "learned" and max_len > self.cfg.max_seq_len:
       raise ValueError(f"init_cache: max_len={max_len} exceeds model.max_seq_len="
@@ -166,25 +200,27 @@ class Transformer(nnx.Module):
       if kv_start.shape != (batch,):
         raise ValueError(f"init_cache: kv_start has shape {kv_start.shape}; it must be "
                          f"({batch},), one start slot per row.")
-    return KVCache(layers=self.layers.init_cache(batch, max_len),
+    runner = self.layers if layers is None else layers
+    return KVCache(layers=runner.init_cache(batch, max_len),
                    index=jnp.zeros((), jnp.int32), kv_start=kv_start)
 
   def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
-             last_only: bool = False) -> tuple[jax.Array, KVCache]:
+             last_only: bool = False, layers=None) -> tuple[jax.Array, KVCache]:
     """Run t new tokens (B, t) at `positions` (B, t) against the cache; append them.
 
     Returns logits float32 (B, t, V) -- (B, 1, V) for the last token only with
     `last_only`, which is all a prefill needs (the LM head never sees the other t - 1) --
     and the cache with index advanced by t. The caller keeps cache.index + t <= max_len
-    (writes past the end are clamped by XLA).
+    (writes past the end are clamped by XLA). `layers`: as in `init_cache`.
     """
     if getattr(self, "prompt" + PEFT_SUFFIX, None) is not None:
       raise NotImplementedError("decode: a prompt-tuned model cannot use the KV cache yet "
                                 "(its virtual tokens are not cached); evaluate it with "
                                 "`lmx evaluate`, or use prefix tuning (peft.method='prefix').")
     x = self._embed(tokens, positions)
-    x, layers = self.layers.decode(x, positions, cache.layers, cache.index, cache.kv_start)
+    runner = self.layers if layers is None else layers
+    x, new = runner.decode(x, positions, cache.layers, cache.index, cache.kv_start)
     new_index = cache.index + jnp.int32(tokens.shape[1])
     if last_only:
       x = x[:, -1:]  # (B, 1, D)
-    return self._logits(x), KVCache(layers=layers, index=new_index, kv_start=cache.kv_start)
+    return self._logits(x), KVCache(layers=new, index=new_index, kv_start=cache.kv_start)
