@@ -1,6 +1,7 @@
 """Tensor (and FSDP) parallelism inside pipeline stages on 8 fake CPU devices: the
 pipelined step trains to the single-device losses, and a stage's matmuls run on the
-tensor-split weights (the compiled step never all-gathers a layer weight over `tensor`)."""
+tensor-split weights (the compiled step never all-gathers a layer weight over `tensor`), and
+the memory planner counts that step."""
 
 import dataclasses
 import math
@@ -10,19 +11,22 @@ import jax
 import numpy as np
 import pytest
 
-from lmx.config import MeshConfig, ModelConfig, TrainConfig
+from lmx.config import MeshConfig, ModelConfig, TrainConfig, from_config_dict
 from lmx.model import Transformer
 from lmx.parallel.mesh import make_mesh, use_mesh
+from lmx.scaling import memory
 from lmx.train.optimizer import make_optimizer
 from lmx.train.state import init_train_state, plan_train_state
 from lmx.train.step import jit_train_step, make_train_step
 
-# Distinct sizes (D 24, N 6 x H 4, K 2, F 40, V 48) so a weight's shape names the weight.
+# D 24, N 6 x H 4, K 2, F 40, V 48: no activation the step gathers has as many elements as
+# a whole layer weight (576, 192, 960 per layer; `_whole_weight_sizes`).
 MODEL = ModelConfig(vocab_size=48, d_model=24, n_layers=4, n_heads=6, n_kv_heads=2,
                     head_dim=4, d_ff=40, max_seq_len=8)
 TRAIN = TrainConfig(steps=5, warmup_steps=2, learning_rate=1e-2, grad_clip=1.0,
                     grad_accum_steps=2)
 B, T, STEPS = 8, 8, 5
+BASE = from_config_dict({})  # data/checkpoint/sample defaults for the memory plan
 
 
 def _batches():
@@ -54,7 +58,8 @@ def _model(rngs):
 
 
 def _train(initial, mesh_cfg, train, n_devices):
-  """(losses after each step, the compiled step's HLO text, the final state)."""
+  """(losses after each step, the compiled step's HLO text, the final state, its
+  per-device bytes: argument + output - alias + temp)."""
   mesh = make_mesh(mesh_cfg, jax.devices()[:n_devices])
   opt = make_optimizer(train)
   losses = []
@@ -64,11 +69,13 @@ def _train(initial, mesh_cfg, train, n_devices):
     step = jit_train_step(make_train_step(graphdef, rest, opt, train), state, mesh, train)
     batches = _batches()
     step = step.lower(state, batches[0]).compile()  # compiled once, for HLO and for steps
-    hlo = step.as_text()
+    hlo, mem = step.as_text(), step.memory_analysis()
     for b in batches:
       state, m = step(state, b)
       losses.append(float(m["loss"]))
-  return losses, hlo, state
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
+           mem.temp_size_in_bytes)  # as lmx.scaling.memory.compiled_step_memory counts it
+  return losses, hlo, state, total
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +153,7 @@ def test_pipeline_with_tensor_split_stages_trains_like_one_device(initial, one_d
                                                                   kinds):
   for kind in kinds:
     train = dataclasses.replace(TRAIN, pipeline_schedule=kind)
-    got, hlo, state = _train(initial, mesh_cfg, train, 8)
+    got, hlo, state, compiled_bytes = _train(initial, mesh_cfg, train, 8)
     np.testing.assert_allclose(got, one_device, rtol=1e-5, err_msg=kind)
     # The parameters stay split over tensor, and no layer weight is gathered whole.
     wq = state.params["layers"]["block"]["attn"]["wq"][...]
@@ -163,3 +170,8 @@ def test_pipeline_with_tensor_split_stages_trains_like_one_device(initial, one_d
     rows = B // TRAIN.grad_accum_steps // 2
     assert any((rows, T, MODEL.d_model) in shapes for op, shapes, axes in ops
                if op == "all-reduce" and axes == {"tensor"}), kind
+    # `lmx info` plans what runs: a stage's tensor share, fsdp split (was +55% / +77%).
+    exp = dataclasses.replace(BASE, model=MODEL, mesh=mesh_cfg.validate(), train=train,
+                              data=dataclasses.replace(BASE.data, batch_size=B, seq_len=T))
+    planned = memory.plan_memory(exp, 8).total_bytes
+    assert planned == pytest.approx(compiled_bytes, rel=0.15), (kind, planned, compiled_bytes)
