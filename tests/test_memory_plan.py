@@ -85,6 +85,26 @@ def test_70b_plans_shape_only_on_an_abstract_mesh():
   assert plan.grad_bytes == plan.param_bytes == plan.grad_accum_bytes  # 8 microbatches
 
 
+def test_zero_formulas_count_the_expert_split():
+  """Mixtral 8x7B on data=2 x fsdp=8 x expert=8: the experts' weights (~97% of the
+  parameters) split 64 ways, the rest 8 ways; the formulas' Psi must be that per-replica
+  share (an fsdp x tensor x pipeline quotient alone overstates it ~7x)."""
+  exp, _ = load_experiment(["--config=experiments/moe.py:mixtral_8x7b", "--config.mesh.data=2"])
+  m = exp.model
+  experts = m.n_layers * m.moe.num_experts * 3 * m.d_model * m.ff_dim  # w_gate, w_up, w_down
+  others = count_params(m).params - experts
+  for stage in range(4):
+    p = memory.plan_memory(exp, 128, stage)
+    assert p.mesh["expert"] == 8 and p.mesh["fsdp"] == 8 and p.mesh["data"] == 2
+    psi = experts / 64 + others / 8  # per data replica, by hand
+    # lmx's fp32 formula (4 + 4 + 8 bytes): stage 0 16 psi, 1: 8 psi + 8 psi / 2, ...
+    want = {0: 16 * psi, 1: 8 * psi + 8 * psi / 2, 2: 4 * psi + 12 * psi / 2,
+            3: 16 * psi / 2}[stage]
+    assert p.zero_lmx_bytes == pytest.approx(want, rel=1e-3)  # norms stay whole on fsdp
+    got = p.param_bytes + p.grad_bytes + p.optimizer_bytes
+    assert got == pytest.approx(p.zero_lmx_bytes, rel=1e-3)
+
+
 def test_zero_stages_shard_over_data_as_the_formulas_say():
   exp = _llama_70b(["--config.mesh.data=4", "--config.mesh.fsdp=8"])
   plans = [memory.plan_memory(exp, 256, s) for s in range(4)]

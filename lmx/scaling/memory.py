@@ -325,8 +325,13 @@ def plan_memory(exp: Experiment, n_devices: int, zero_stage: int | None = None) 
                                                exp.train.z_loss, max(weight_split, 1.0))
 
   psi = count_params(exp.model).params
-  model_split = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
-  formulas = zero_formulas(psi / model_split, sizes["data"])
+  # The formulas' Psi is what one data replica holds: the parameters split by the model
+  # axes only (fsdp, tensor, pipeline, and expert for the experts' weights, which a dense
+  # fsdp x tensor x pipeline quotient would miss), i.e. the stage-0 layout's shards.
+  stage0 = train_state_shardings(state, mesh, 0, rules).params
+  psi_local = sum(math.prod(sh0.shard_shape(x.shape))
+                  for x, sh0 in zip(jax.tree.leaves(state.params), jax.tree.leaves(stage0)))
+  formulas = zero_formulas(psi_local, sizes["data"])
   return MemoryPlan(
       devices=n_devices, mesh=sizes, zero_stage=stage,
       optimizer_memory=exp.train.optimizer_memory, params=psi, param_bytes=param_bytes,
