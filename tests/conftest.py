@@ -77,16 +77,17 @@ def random_lm_batches(n, vocab_size, batch, seq):
   return out
 
 
-# The longest modules (per-module sums of a full run's --durations on the 2-core VM, longest
-# first) start first. pytest-xdist's loadscope hands a worker one whole module at a time, by
+# The longest modules (per-module sums of a full run's --durations=0, 2 workers on 2 cores,
+# longest first) start first. pytest-xdist's loadscope hands a worker one whole module at a time, by
 # default the modules with the most tests first: these few-test, minute-long modules came
 # last, and the worker that drew one kept running while the other sat idle.
 _LONGEST_MODULES = (
-    "test_multihost_failure.py", "test_pipeline_parallel.py", "test_multiprocess.py",
-    "test_train_loop.py", "test_moe_parallel.py", "test_train_step.py", "test_serve.py",
-    "test_quality_lmx.py", "test_interop_convert.py", "test_parallel_layouts.py",
-    "test_engine_rows.py", "test_runtime.py", "test_objectives.py", "test_stack.py",
-    "test_moe_model.py", "test_speculative.py")
+    "test_multihost_failure.py", "test_train_step.py", "test_train_loop.py",
+    "test_parallel_layouts.py", "test_moe_parallel.py", "test_pipeline_parallel.py",
+    "test_serve.py", "test_interop_convert.py", "test_engine_rows.py", "test_multiprocess.py",
+    "test_model.py", "test_memory_plan.py", "test_attention.py", "test_quality_lmx.py",
+    "test_stack.py", "test_peft.py", "test_moe_model.py", "test_engine.py",
+    "test_objectives.py", "test_pipeline_tp.py")
 
 
 def pytest_configure(config):
