@@ -63,15 +63,6 @@ sys.exit(rc)
 '''
 
 
-def _compile_cache_env(tmp: pathlib.Path) -> dict[str, str]:
-  """A persistent XLA cache for every process this module starts: all runs compile the same
-  programs. JAX writes entries from process 0 only (process 1's keys differ), so process 0 of
-  every later run loads them instead of compiling (~9 s of CPU each)."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 def _start(tmp: pathlib.Path, name: str, steps: int, extra_args: tuple = (), log: str = "",
            **env_extra) -> tuple[list, pathlib.Path]:
   """Two `lmx train` processes (logs in <name><log>_<i>.log); returns them and the run
@@ -86,7 +77,6 @@ def _start(tmp: pathlib.Path, name: str, steps: int, extra_args: tuple = (), log
     env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                LMX_COORDINATOR=f"127.0.0.1:{port}", LMX_NUM_PROCESSES="2",
                LMX_PROCESS_ID=str(i))
-    env.update(_compile_cache_env(tmp))
     env.update({k: v[i] if isinstance(v, tuple) else v for k, v in env_extra.items()})
     with open(tmp / f"{name}{log}_{i}.log", "w") as f:
       procs.append(subprocess.Popen(
