@@ -211,7 +211,7 @@ def fail_fast(exc: BaseException) -> None:
   if state.client is None or state.num_processes < 2:
     return
   timeout = heartbeat_timeout_s()
-  if isinstance(exc, jax.errors.JaxRuntimeError) and timeout:
+  if isinstance(exc, (jax.errors.JaxRuntimeError, CollectiveError)) and timeout:
     # A failed collective usually means a peer died (its sockets closed). Give the watchdog
     # the time it needs to name that peer (or to read a peer's own posted verdict); it
     # exits the process itself. Only if every peer is alive is the failure our own.
@@ -263,13 +263,28 @@ def primary_first(fn: Callable[[], T], name: str) -> T:
   return out if is_primary() else fn()  # type: ignore[return-value]
 
 
+class CollectiveError(RuntimeError):
+  """A host-level collective across processes failed -- usually because a peer died in it.
+  `fail_fast` then waits for the watchdog to name that peer, as for a failed XLA collective."""
+
+
+def _allgather(x):
+  from jax.experimental import multihost_utils
+  try:
+    return np.asarray(multihost_utils.process_allgather(x))
+  except Exception as e:  # pylint: disable=broad-except
+    # NOTE: a peer killed just before this point makes it fail in several ways (a gloo error,
+    # or a ValueError from mismatched shapes); which one is a race, so all are one error.
+    raise CollectiveError(f"process_allgather across {jax.process_count()} processes failed "
+                          f"({type(e).__name__}: {e})") from e
+
+
 def any_process(flag: bool) -> bool:
   """True on every process if `flag` is True on any: a decision all processes take at the
   same step (a collective: every process must call it at the same point)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+  return bool(_allgather(np.int32(flag)).max())
 
 
 def allgather_json(obj: Any) -> list[Any]:
@@ -279,11 +294,10 @@ def allgather_json(obj: Any) -> list[Any]:
   """
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils
   data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   # process_allgather needs one shape everywhere: gather the lengths, then padded bytes.
-  lengths = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  lengths = _allgather(np.int32(data.size)).reshape(-1)
   padded = np.zeros(int(lengths.max()), np.uint8)
   padded[:data.size] = data
-  rows = np.asarray(multihost_utils.process_allgather(padded))  # (n, max_len)
+  rows = _allgather(padded)  # (n, max_len)
   return [json.loads(rows[i, :n].tobytes()) for i, n in enumerate(lengths)]
