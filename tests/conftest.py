@@ -84,7 +84,8 @@ def random_lm_batches(n, vocab_size, batch, seq):
 _LONGEST_MODULES = (
     "test_multihost_failure.py", "test_train_step.py", "test_train_loop.py",
     "test_parallel_layouts.py", "test_moe_parallel.py", "test_pipeline_parallel.py",
-    "test_serve.py", "test_interop_convert.py", "test_engine_rows.py", "test_multiprocess.py",
+    "test_serve.py", "test_interop_convert.py", "test_decode_layout.py", "test_engine_rows.py",
+    "test_multiprocess.py",
     "test_model.py", "test_memory_plan.py", "test_attention.py", "test_quality_lmx.py",
     "test_stack.py", "test_peft.py", "test_moe_model.py", "test_engine.py",
     "test_objectives.py", "test_pipeline_tp.py")
