@@ -18,6 +18,7 @@ see docs/multihost.md "When a process dies").
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
@@ -39,7 +40,7 @@ _done = False
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 # Exit status of a process that stops because a peer was lost.
 LOST_PEER_EXIT_CODE = 1
-_WATCH_DIR = "lmx_watchdog/"  # coordination-service keys: "<dir><i>" per process, "<dir>lost"
+_WATCH_DIR = "lmx_watchdog/"  # keys: "<dir><i>" beats, "<dir>done<i>" finished, "<dir>lost"
 
 
 def _env_int(name: str) -> int:
@@ -151,13 +152,33 @@ class _Watchdog:
     self.timeout, self.interval = timeout, interval
     self.reply_at = time.monotonic()  # when the store last answered
     self.entries: dict[str, str] = {}  # its last answer: key -> value
+    self.stopped = threading.Event()
+    self.threads: list[threading.Thread] = []
 
   def start(self) -> None:
     for name, target in (("beat", self._beat), ("judge", self._judge)):
-      threading.Thread(target=target, name=f"lmx-watchdog-{name}", daemon=True).start()
+      self.threads.append(threading.Thread(target=target, name=f"lmx-watchdog-{name}",
+                                           daemon=True))
+      self.threads[-1].start()
+    atexit.register(self.finish)  # runs before JAX's own shutdown (registered at import)
+
+  def finish(self) -> None:
+    """At exit: say this process is done (the others' judges stop expecting its beats),
+    then stop and join both threads before JAX's shutdown barrier and the interpreter's
+    finalization. NOTE: a daemon thread still inside a client call when the interpreter
+    finalizes dies by forced unwinding through C++ frames and aborts the process ("FATAL:
+    exception not rethrown", exit -6): seen on a process that finished last."""
+    try:
+      self.client.key_value_set(f"{_WATCH_DIR}done{self.i}", "1", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+    self.stopped.set()
+    for t in self.threads:
+      t.join(timeout=2 * self.interval + 1)  # a call to a hung coordinator may not return
 
   def _running(self) -> bool:
-    return jax_distributed.global_state.client is not None  # None once JAX shut down
+    # The client is None once JAX shut down.
+    return not self.stopped.is_set() and jax_distributed.global_state.client is not None
 
   def _beat(self) -> None:
     count = 0
@@ -169,15 +190,17 @@ class _Watchdog:
         self.reply_at = time.monotonic()
       except Exception:  # pylint: disable=broad-except
         pass  # the judge notices the silence
-      time.sleep(self.interval)
+      self.stopped.wait(self.interval)
 
   def _judge(self) -> None:
     i, n = self.i, self.n
     seen: dict[int, str] = {}
     changed = {j: time.monotonic() for j in range(n) if j != i}  # j's counter last changed
     while self._running():
-      time.sleep(self.interval)
+      self.stopped.wait(self.interval)
       now, entries = time.monotonic(), self.entries
+      if not self._running():
+        return
       if now - self.reply_at > self.timeout and self._running():
         who = (f"process {i} of {n} lost the coordinator (process 0 at {self.coordinator})"
                if i else f"the coordination service in process 0 of {n} hung")
@@ -185,6 +208,8 @@ class _Watchdog:
       if verdict := entries.get(_WATCH_DIR + "lost"):  # another process saw a peer die first
         _exit_lost(verdict)
       for j in changed:
+        if entries.get(f"{_WATCH_DIR}done{j}"):  # j finished: it waits at JAX's shutdown
+          continue
         value = entries.get(f"{_WATCH_DIR}{j}", "")
         if value != seen.get(j):
           seen[j], changed[j] = value, now
@@ -231,9 +256,8 @@ def _start_watchdog(timeout: int) -> None:
   state = jax_distributed.global_state  # the ids, for the explicit and auto-detected start
   if not timeout or state.client is None or state.num_processes < 2:
     return
-  # NOTE: no "I am done" marker is needed: a process that finishes first keeps beating while
-  # it waits at JAX's shutdown barrier (atexit) for the others; the threads stop once all
-  # have arrived and JAX has shut its client down.
+  # A process that finishes posts "<dir>done<i>" at exit and stops its threads (`finish`);
+  # it then waits at JAX's shutdown barrier without beating, and the others skip it.
   _Watchdog(state.client, state.process_id, state.num_processes, timeout,
             interval=max(0.5, timeout / 10), coordinator=str(state.coordinator_address)).start()
 
