@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmx.infer.sampling import filter_logits, greedy, sample_token
+from lmx.infer.sampling import chosen_logprob, filter_logits, greedy, sample_token
 
 
 def _draws(logits, n, **kw):
@@ -98,3 +98,21 @@ def test_temperature_zero_is_argmax_and_tiny_temperature_agrees():
 def test_invalid_settings_fail_with_named_field(kw, field):
   with pytest.raises(ValueError, match=field):
     sample_token(jax.random.key(0), jnp.zeros((1, 4)), **kw)
+
+
+def test_greedy_takes_the_first_maximum_and_chosen_logprob_is_log_softmax():
+  # numpy's argmax is the reference: ties -> the lowest id; -inf entries never win unless
+  # the whole row is -inf (then 0, as np.argmax).
+  z = np.array([[0.5, 2.0, 2.0, -1.0],
+                [-np.inf, -np.inf, 3.0, 3.0],
+                [-np.inf] * 4,
+                [7.0, 1.0, 7.0, 7.0]], np.float32)
+  np.testing.assert_array_equal(np.asarray(greedy(jnp.asarray(z))), np.argmax(z, axis=-1))
+  wide = np.array(jax.random.normal(jax.random.key(5), (3, 32000)))
+  wide[1, [17, 31999]] = wide[1].max() + 1.0  # a tie at the far end of a real vocabulary
+  np.testing.assert_array_equal(np.asarray(greedy(jnp.asarray(wide))), np.argmax(wide, -1))
+  tok = np.array([3, 0, 31999])
+  shifted = wide - wide.max(-1, keepdims=True)
+  want = shifted[np.arange(3), tok] - np.log(np.exp(shifted).sum(-1))
+  np.testing.assert_allclose(np.asarray(chosen_logprob(jnp.asarray(wide), jnp.asarray(tok))),
+                             want, rtol=1e-5)

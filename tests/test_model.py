@@ -185,11 +185,11 @@ def test_kv_cache_decode_matches_full_forward(kw):
     outs.append(np.asarray(logits))
   assert int(cache.index) == t
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5, rtol=1e-5)
-  # One stacked cache (L, B, S, K, H): slots 0..t-1 written, the spare ones still zero.
+  # One stacked cache (L, B, K, S, H): slots 0..t-1 written, the spare ones still zero.
   cfg = model.cfg
-  assert cache.layers.k.shape == (cfg.n_layers, b, t + 2, cfg.kv_heads, cfg.dim_per_head)
-  assert np.all(np.abs(np.asarray(cache.layers.k[:, :, :t])).max(axis=(1, 3, 4)) > 0)
-  np.testing.assert_array_equal(np.asarray(cache.layers.v[:, :, t:]), 0.0)
+  assert cache.layers.k.shape == (cfg.n_layers, b, cfg.kv_heads, t + 2, cfg.dim_per_head)
+  assert np.all(np.abs(np.asarray(cache.layers.k[:, :, :, :t])).max(axis=(1, 2, 4)) > 0)
+  np.testing.assert_array_equal(np.asarray(cache.layers.v[:, :, :, t:]), 0.0)
 
 
 def _loss_and_grads(cfg, tokens):

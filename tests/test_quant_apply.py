@@ -108,7 +108,7 @@ def test_int8_kv_cache_decode_matches_float_cache():
   nnx.update(qm, nnx.state(fm))
   assert fm.init_cache(2, 8).layers.k_scale is None  # the default cache is unchanged
   c8 = qm.init_cache(2, 8)
-  assert c8.layers.k.dtype == jnp.int8 and c8.layers.k_scale.shape == (2, 2, 8, 2)
+  assert c8.layers.k.dtype == jnp.int8 and c8.layers.k_scale.shape == (2, 2, 2, 8)  # (L, B, K, S)
   tokens = _tokens(TINY, t=8)
   pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
   cf = fm.init_cache(2, 8)

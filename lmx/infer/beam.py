@@ -19,7 +19,7 @@ Design choices:
   end in a stop id enter the prompt's finished pool (size n_best, kept sorted by score);
   the K live beams are the K best candidates that are NOT stop ids, so K beams stay live.
 - Reordering: live beam j of prompt b continues parent beam p, so cache row b*K+j takes
-  row b*K+p (one gather over the batch axis of every cache leaf -- k/v (L, B*K, S, K, H),
+  row b*K+p (one gather over the batch axis of every cache leaf -- k/v (L, B*K, kv heads, S, H),
   int8 scales if any -- and of kv_start). The write index is shared, as in the engine.
 - Stopping per prompt (`done`): early_stopping=True stops a prompt as soon as its pool
   holds n_best finished hypotheses (HF early_stopping=True). early_stopping=False stops it

@@ -72,7 +72,8 @@ import numpy as np
 from flax import nnx
 
 from lmx.infer.sampling import (apply_penalties, apply_row_penalties, check_penalties,
-                                 check_sampling_args, filter_logits, filter_row_logits)
+                                 check_sampling_args, chosen_logprob, filter_logits,
+                                 filter_row_logits, greedy)
 from lmx.model.transformer import KVCache, Transformer, for_decoding
 
 
@@ -178,11 +179,10 @@ def choose_tokens(key: jax.Array, logits: jax.Array, step: jax.Array,
   log_softmax(raw logits)). Step i draws with fold_in(key, i)."""
   z = sampling_logits(logits, step, counts, prompt_seen, stop_ids, min_new, opts)
   if opts.temperature == 0:
-    tokens = jnp.argmax(z, axis=-1).astype(jnp.int32)
+    tokens = greedy(z)
   else:
     tokens = jax.random.categorical(jax.random.fold_in(key, step), z, axis=-1).astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  return tokens, chosen_logprob(logits.astype(jnp.float32), tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +226,7 @@ def choose_row_tokens(keys: jax.Array, logits: jax.Array, step: jax.Array,
     z = apply_row_penalties(z, counts, seen, rows.repetition, rows.frequency, rows.presence)
   is_stop = jnp.zeros(z.shape[-1], bool).at[stop_ids].set(True)  # (V,)
   z = jnp.where(is_stop[None] & (step < min_new)[:, None], -jnp.inf, z)
-  tokens = jnp.argmax(z, axis=-1).astype(jnp.int32)  # greedy rows
+  tokens = greedy(z)  # greedy rows
   if plan.sampled:
     t = rows.temperature
     zs = z / jnp.where(t > 0, t, 1.0)[:, None]
@@ -237,8 +237,7 @@ def choose_row_tokens(keys: jax.Array, logits: jax.Array, step: jax.Array,
     drawn = jax.vmap(lambda k, r: jax.random.categorical(jax.random.fold_in(k, step), r))(
         keys, zs).astype(jnp.int32)
     tokens = jnp.where(t > 0, drawn, tokens)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  return tokens, chosen_logprob(logits.astype(jnp.float32), tokens)
 
 
 class _Fixed(NamedTuple):

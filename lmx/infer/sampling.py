@@ -102,8 +102,27 @@ def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
 
 
 def greedy(logits: jax.Array) -> jax.Array:
-  """argmax over the vocabulary: (B, V) -> int32 (B,)."""
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  """argmax over the vocabulary: (..., V) -> int32 (...,), the first index of the maximum
+  (ties: the lowest id, as `jnp.argmax`).
+
+  Two plain reductions (the max, then the lowest index holding it) instead of argmax's
+  (value, index) pair reduction, which XLA:CPU runs about 2x slower over a 32000-token
+  vocabulary: 0.5 ms of the 20 ms batch-8 decode step of the 58M shape (docs/decoding.md).
+  An all -inf row gets 0 (as from `jnp.argmax`); a row with a NaN gets 0 too.
+  """
+  v = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  ids = jnp.arange(v, dtype=jnp.int32)
+  first = jnp.min(jnp.where(logits == top, ids, v), axis=-1)
+  return jnp.where(first < v, first, 0).astype(jnp.int32)
+
+
+def chosen_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """log_softmax(logits)[token] for logits (B, V) float32 and tokens (B,) -> (B,), without
+  the (B, V) log_softmax: logits[token] - logsumexp(logits)."""
+  top = jnp.max(logits, axis=-1)
+  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+  return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
 
 
 def sample_token(rng: jax.Array, logits: jax.Array, temperature: float = 1.0,

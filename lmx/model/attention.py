@@ -26,9 +26,15 @@ from lmx.parallel.mesh import constrain
 
 @struct.dataclass
 class LayerCache:
-  """Keys and values (B, S_max, K, H) for one layer, with a leading L axis for a layer
+  """Keys and values (B, K, S_max, H) for one layer, with a leading L axis for a layer
   stack (`lmx.model.stack`): in the compute dtype, or int8 with `k_scale`/`v_scale`
-  float32 (B, S_max, K), one scale per (token, kv head) (ModelConfig.kv_cache_dtype='int8').
+  float32 (B, K, S_max), one scale per (kv head, token) (ModelConfig.kv_cache_dtype='int8').
+
+  Heads before slots: (batch, kv head) are the batch dimensions of attention's two
+  matmuls, so `cached_attention` reads the cache where it lies. In the (B, S, K, H) layout
+  of the activations XLA:CPU transposed every layer's keys and values into a temporary
+  each decode step: 0.45 ms per layer and tensor at batch 8 for the 58M shape, more than
+  its matmuls (docs/decoding.md).
   """
   k: jax.Array
   v: jax.Array
@@ -83,6 +89,22 @@ def cache_mask(index: jax.Array, t: int, s_max: int,
   real = k_slot[None, :] >= kv_start[:, None]  # (B, S)
   own = k_slot[None, :] == q_slot[:, None]  # (t, S)
   return mask & (real[:, None, None, :] | own[None, None])  # (B, 1, t, S)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Attention of t new queries q (B, t, N, H) over a cache k/v (B, K, S, H) (LayerCache's
+  layout), mask boolean (B or 1, 1, t, S) -> (B, t, N, H) in q's dtype. Query head n
+  reads kv head n // (N/K); scores and softmax are float32, as in `_attend`."""
+  b, t, n, h = q.shape
+  kh = k.shape[1]
+  g = n // kh
+  qg = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kh, g, h)
+  scores = jnp.einsum("btkgh,bksh->bkgts", qg, k.astype(q.dtype),
+                      preferred_element_type=jnp.float32)  # (B, K, G, t, S)
+  scores = jnp.where(mask[:, :, None], scores, jnp.float32(-1e30))
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, v)  # (B, t, K, G, H)
+  return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 def window_mask(q_slot: jax.Array, k_slot: jax.Array, window: int) -> jax.Array:
@@ -228,40 +250,43 @@ class Attention(Projections):
              index: jax.Array, kv_start: jax.Array | None = None, *,
              whole: bool = False) -> tuple[jax.Array, LayerCache]:
     """Attend t new tokens x (B, t, D) to the cached prefix plus themselves, as if written
-    at slot `index`. Returns (B, t, D) and the t new keys/values (B, t, K, H) in the cache
+    at slot `index`. Returns (B, t, D) and the t new keys/values (B, K, t, H) in the cache
     dtype; the caller writes them into the cache (`lmx.model.stack.decode_layers` does it
     once for all layers). whole=True returns instead this layer's whole cache with them
-    written (B, S, K, H): the buffer attention read, so a caller that keeps it as the new
+    written (B, K, S, H): the buffer attention read, so a caller that keeps it as the new
     cache (`UnrolledLayers`) updates it in place with no second write (two writes into one
     buffer can make XLA copy it every step). `kv_start` (B,): per-row left padding to skip
     (`cache_mask`). An int8 cache (k_scale set) gets the new keys/values quantized, and
     attention reads the whole cache dequantized, the new tokens included (what later steps
     will read too)."""
     q, k, v = self._qkv(x, positions)
-    start = (0, index, 0, 0)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, t, H): the cache layout
+    start = (0, 0, index, 0)
     if cache.k_scale is None:
       k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-      k_all = jax.lax.dynamic_update_slice(cache.k, k, start)  # (B, S, K, H)
+      k_all = jax.lax.dynamic_update_slice(cache.k, k, start)  # (B, K, S, H)
       v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
       new = LayerCache(k=k_all, v=v_all) if whole else LayerCache(k=k, v=v)
     else:
-      (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)  # (B, t, K, H), (B, t, K)
+      (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)  # (B, K, t, H), (B, K, t)
       written = LayerCache(k=jax.lax.dynamic_update_slice(cache.k, k, start),
                            v=jax.lax.dynamic_update_slice(cache.v, v, start),
                            k_scale=jax.lax.dynamic_update_slice(cache.k_scale, k_scale, start[:3]),
                            v_scale=jax.lax.dynamic_update_slice(cache.v_scale, v_scale, start[:3]))
-      k_all = dequantize_kv(written.k, written.k_scale, q.dtype)  # (B, S, K, H)
+      k_all = dequantize_kv(written.k, written.k_scale, q.dtype)  # (B, K, S, H)
       v_all = dequantize_kv(written.v, written.v_scale, q.dtype)
       new = written if whole else LayerCache(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
-    mask = cache_mask(index, x.shape[1], cache.k.shape[1], kv_start)
+    s_max = cache.k.shape[2]
+    mask = cache_mask(index, x.shape[1], s_max, kv_start)
     if self.cfg.sliding_window:
       q_slot = index + jnp.arange(x.shape[1], dtype=jnp.int32)  # (t,)
-      k_slot = jnp.arange(cache.k.shape[1], dtype=jnp.int32)  # (S,)
+      k_slot = jnp.arange(s_max, dtype=jnp.int32)  # (S,)
       mask = mask & window_mask(q_slot, k_slot, self.cfg.sliding_window)[None, None]
     prefix = getattr(self, "prefix" + PEFT_SUFFIX, None)
     if prefix is not None:  # prefix tuning: the learned keys/values sit before the cache
-      pk, pv = prefix(x.shape[0], k_all.dtype)
-      k_all, v_all = jnp.concatenate([pk, k_all], 1), jnp.concatenate([pv, v_all], 1)
+      pk, pv = prefix(x.shape[0], k_all.dtype)  # (B, P, K, H)
+      k_all = jnp.concatenate([pk.transpose(0, 2, 1, 3), k_all], 2)
+      v_all = jnp.concatenate([pv.transpose(0, 2, 1, 3), v_all], 2)
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (pk.shape[1],), bool), mask], -1)
-    o = _attend(q, k_all, v_all, mask, is_causal=False)  # (B, t, N, H)
+    o = cached_attention(q, k_all, v_all, mask)  # (B, t, N, H)
     return self._out(o), new

@@ -96,7 +96,7 @@ class Block(nnx.Module):
 
   def decode(self, x, positions, cache: LayerCache, index, kv_start=None, *,
              whole: bool = False) -> tuple[jax.Array, LayerCache]:
-    """(B, t, D) -> (B, t, D) and this layer's t new keys/values (B, t, K, H) (whole=True:
+    """(B, t, D) -> (B, t, D) and this layer's t new keys/values (B, K, t, H) (whole=True:
     its whole cache with them written, `Attention.decode`)."""
     out, new, _ = self._mix(
         x, lambda y: self.attn.decode(y, positions, cache, index, kv_start, whole=whole),
@@ -131,8 +131,8 @@ class MoEGroup(nnx.Module):
     return self.forward(x, positions, segment_ids, key)[0]
 
   def decode(self, x, positions, cache: LayerCache, index, kv_start=None):
-    """Like Block.decode with this group's n layers of cache (n, B, S, K, H); returns the
-    n layers' new keys/values stacked (n, B, t, K, H)."""
+    """Like Block.decode with this group's n layers of cache (n, B, K, S, H); returns the
+    n layers' new keys/values stacked (n, B, K, t, H)."""
     graphdef, dense = nnx.split(self.dense)
     news = []
     for i, params in enumerate(_unstack(dense)):
@@ -204,10 +204,10 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
                   positions: jax.Array, cache: LayerCache, index: jax.Array,
                   kv_start: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
   """Run t new tokens x (B, t, D) through the stacked layers against their stacked cache
-  (k/v (L, B, S, K, H)); write them at slot `index`. Returns (x, updated cache).
+  (k/v (L, B, K, S, H)); write them at slot `index`. Returns (x, updated cache).
   `kv_start` (B,): each row's left-padding slots, which attention skips (`cache_mask`).
 
-  The scan carries only x and emits each layer's t new keys/values (L, B, t, K, H); one
+  The scan carries only x and emits each layer's t new keys/values (L, B, K, t, H); one
   write after the scan puts them into the cache, so a donated cache is updated in place
   (no copy in the compiled step). NOTE: decode scans whatever `scan_layers` says; the
   unrolled decode layout is `UnrolledLayers` (slicing this stacked cache per layer inside
@@ -222,15 +222,15 @@ def decode_layers(graphdef: nnx.GraphDef, layers: nnx.State, x: jax.Array,
   group = cache.k.shape[0] // units  # > 1: MoE groups of `group` layers (MoEGroup)
   scanned = cache if group == 1 else jax.tree.map(
       lambda a: a.reshape(units, group, *a.shape[1:]), cache)
-  x, new = jax.lax.scan(layer, x, (layers, scanned))  # new: (L, B, t, K, H)
+  x, new = jax.lax.scan(layer, x, (layers, scanned))  # new: (L, B, K, t, H)
   if group > 1:
     new = jax.tree.map(lambda a: a.reshape(units * group, *a.shape[2:]), new)
-  start = (0, 0, index, 0, 0)
+  start = (0, 0, 0, index, 0)
   k = jax.lax.dynamic_update_slice(cache.k, new.k, start)  # new is in the cache dtype
   v = jax.lax.dynamic_update_slice(cache.v, new.v, start)
   if cache.k_scale is None:
     return x, LayerCache(k=k, v=v)
-  # int8 cache: the per-(token, kv head) scales (L, B, S, K) are written the same way.
+  # int8 cache: the per-(kv head, token) scales (L, B, K, S) are written the same way.
   k_scale = jax.lax.dynamic_update_slice(cache.k_scale, new.k_scale, start[:4])
   v_scale = jax.lax.dynamic_update_slice(cache.v_scale, new.v_scale, start[:4])
   return x, LayerCache(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
@@ -288,10 +288,10 @@ class LayerStack(nnx.Module):
     return x
 
   def init_cache(self, batch: int, max_len: int) -> LayerCache:
-    """Zero keys/values (L, B, max_len, K, H) in the compute dtype, or int8 with float32
-    scales (L, B, max_len, K) when `cfg.kv_cache_dtype` is 'int8'."""
+    """Zero keys/values (L, B, K, max_len, H) in the compute dtype, or int8 with float32
+    scales (L, B, K, max_len) when `cfg.kv_cache_dtype` is 'int8' (LayerCache's layout)."""
     cfg = self.cfg
-    shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+    shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dim_per_head)
     if cfg.kv_cache_dtype == "int8":
       zeros = lambda: jnp.zeros(shape[:-1], jnp.float32)
       return LayerCache(k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
@@ -324,7 +324,7 @@ class UnrolledLayers:
   about half the memory-bandwidth limit at batch 1 (docs/decoding.md). Here the slices
   are taken once, when the view is made (one copy of the layer weights per jitted call,
   which is also the extra memory), and the loop body reads the weights in place. The cache
-  is a tuple of per-layer `LayerCache`s, k/v (B, S, K, H) (the batch axis first, unlike the
+  is a tuple of per-layer `LayerCache`s, k/v (B, K, S, H) (the batch axis first, unlike the
   stacked (L, B, ...)), each written in place by the attention that reads it
   (`Attention.decode(whole=True)`). NOTE: leaves (1, B, S, ...) squeezed for attention and
   re-expanded made XLA copy every layer's cache twice per step; 4-d leaves copy nothing.

@@ -7,7 +7,7 @@ The blocks live in one `LayerStack` (lmx.model.stack): a single Block whose para
 carry a leading 'layers' axis (`layers.block.attn.wq` is (L, D, N, H)), run by a scan, so
 compile time does not grow with depth and a pipeline stage is a slice of that axis
 (`cfg.scan_layers=False` runs the same parameters unrolled). The KV cache is stacked the
-same way: k/v (L, B, S_max, K, H).
+same way: k/v (L, B, K, S_max, H).
 Parameters are float32; activations run in `cfg.dtype`; logits come back float32 (the
 softmax over V is where low precision hurts most). `cfg.remat` trades compute for memory
 per block: 'full' recomputes the whole block in the backward pass, 'save_dots' keeps the
@@ -37,13 +37,13 @@ _ACT = ("batch", "seq", "embed")
 
 @struct.dataclass
 class KVCache:
-  """The stack's keys/values, k/v (L, B, S_max, K, H) (int8 plus scales when
+  """The stack's keys/values, k/v (L, B, K, S_max, H) (int8 plus scales when
   model.kv_cache_dtype='int8', `LayerCache`), plus `index`: the int32 number of
   slots already written (the same for every row and layer), and optionally `kv_start`
   (B,) int32: row b's first real slot; slots before it hold left padding that attention
   skips (ragged prompts, `lmx.infer.engine`). None means every slot is real.
   In the decode loops on CPU `layers` is instead a tuple of per-layer LayerCaches, k/v
-  (B, S_max, K, H) (`for_decoding`, `lmx.model.stack.UnrolledLayers`)."""
+  (B, K, S_max, H) (`for_decoding`, `lmx.model.stack.UnrolledLayers`)."""
   layers: LayerCache | tuple[LayerCache, ...]
   index: jax.Array
   kv_start: jax.Array | None = None
