@@ -17,7 +17,7 @@ accepts iff x_j is the target argmax and corrects to that argmax, so the output 
 target decoding alone.
 
 Design choices:
-- p and q are the PROCESSED distributions: `lmx.infer.engine.sampling_logits` (stop ids
+- p and q are the PROCESSED distributions: `lmx.infer.choice.sampling_logits` (stop ids
   masked before min_new_tokens, temperature, top-k, top-p, min-p) for both models, then a
   softmax. Penalties are not supported (they would need per-position counts inside a round).
 - Batches: per-row accept/reject, then every row keeps the MINIMUM accepted length m over
@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmx.infer.engine import (ROW_FIELDS, SamplingOptions, check_prompts, pad_prompts,
-                              sampling_logits)
+from lmx.infer.choice import ROW_FIELDS, SamplingOptions, sampling_logits
+from lmx.infer.engine import check_prompts, pad_prompts
 from lmx.model.transformer import KVCache, Transformer, for_decoding
 
 
