@@ -32,6 +32,7 @@ def _exp(**overrides):
     ({"train__loss_chunk_tokens": -1}, "train.loss_chunk_tokens"),
     ({"train__schedule": "linear"}, "train.schedule"),
     ({"train__decay_fraction": 0.0}, "train.decay_fraction"),
+    ({"train__objective": "distill"}, "distill.teacher_config"),  # no teacher file or run
 ])
 def test_invalid_values_name_the_field(overrides, field):
   with pytest.raises(ConfigError) as e:

@@ -198,3 +198,24 @@ def test_sigterm_saves_and_rerun_resumes(tmp_path, cache_dir, capsys):
   assert ev["val_loss"] == pytest.approx(r["val_loss"], rel=1e-5)
   assert 1.0 < ev["val_ppl"] < ev["unigram_ppl"] * 10
   assert ev["val_ppl"] == pytest.approx(math.exp(ev["val_loss"]), rel=1e-6)
+
+
+def test_distillation_from_a_run_directory_loads_that_teacher(tmp_path, cache_dir, capsys):
+  """distill.teacher_run alone: the teacher's model comes from the run's config.json and its
+  weights from its checkpoint. Property: a student initialized from the same run, trained
+  on the soft term only (alpha 1), starts at KL(teacher || student) = 0 -- which holds only
+  if the teacher loaded is exactly that run's model (measured: a freshly initialized teacher
+  gives 0.013)."""
+  teacher = tmp_path / "teacher"
+  loop.train(make_exp(teacher, cache_dir, **{"train.steps": 4}))
+  over = {"train.steps": 2, "train.objective": "distill", "train.init_from": str(teacher),
+          "distill.teacher_run": str(teacher), "distill.alpha": 1.0}
+  res = loop.train(make_exp(tmp_path / "student", cache_dir, **over))
+  assert f"distilling from the teacher {teacher}" in capsys.readouterr().err
+  first = res["losses"][0][1]
+  assert abs(first) < 1e-5, res["losses"]
+  # A run directory that records no experiment: one sentence naming the field.
+  (tmp_path / "bare").mkdir()
+  over["distill.teacher_run"] = str(tmp_path / "bare")
+  with pytest.raises(ValueError, match=r"`distill.teacher_run` is .*records no experiment"):
+    loop.train(make_exp(tmp_path / "student2", cache_dir, **over))

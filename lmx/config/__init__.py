@@ -97,9 +97,10 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> Experiment:
     kwargs["train"] = dataclasses.replace(kwargs["train"],
                                           trainable=trainable_pattern(kwargs["peft"]))
   if kwargs["train"].objective == "distill":
-    if not kwargs["distill"].teacher_config:
-      _fail("distill.teacher_config", "is empty; train.objective='distill' needs the teacher's "
-            "experiment file (e.g. 'experiments/default.py')")
+    if not kwargs["distill"].teacher_config and not kwargs["distill"].teacher_run:
+      _fail("distill.teacher_config", "is empty and so is distill.teacher_run; "
+            "train.objective='distill' needs the teacher's experiment file (e.g. "
+            "'experiments/default.py') or its run directory")
     if kwargs["peft"].method:
       _fail("peft.method", "must be '' with train.objective='distill' (the student trains whole)")
     if not kwargs["train"].trainable:  # the teacher rides along frozen (lmx.train.objectives)

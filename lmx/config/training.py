@@ -159,8 +159,11 @@ class DistillConfig:
   """Knowledge distillation (train.objective='distill', lmx/train/distill.py): a frozen
   teacher run's soft next-token distribution, mixed with the hard labels."""
 
-  teacher_config: str = ""  # experiment file of the teacher, e.g. 'experiments/default.py'
-  teacher_run: str = ""  # its run directory; '' = the teacher experiment's run_dir
+  # The teacher: its experiment file (e.g. 'experiments/default.py') and/or its run directory
+  # ('' = that experiment's run_dir). A run directory alone is enough when it records its
+  # experiment (RUN_DIR/config.json from `lmx train`, experiment.py from `lmx convert`).
+  teacher_config: str = ""
+  teacher_run: str = ""
   temperature: float = 2.0
   alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha on the hard labels
   top_k: int = 0  # > 0: the teacher's k most likely tokens per position only

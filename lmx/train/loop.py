@@ -83,6 +83,22 @@ def _validation_batches(exp: Experiment, tok, limit: int | None) -> list[dict[st
   return make_sources(exp, tok, jax.process_index(), jax.process_count(), limit).validation
 
 
+def _teacher_experiment(exp: Experiment) -> Experiment:
+  """The distillation teacher's experiment: distill.teacher_config, else the one
+  distill.teacher_run records (ConfigError if it records none)."""
+  from lmx.config import ConfigError
+  from lmx.experiment import load_experiment, load_run_config
+  d = exp.distill
+  if d.teacher_config:
+    return load_experiment([f"--config={d.teacher_config}"])[0]
+  teacher = load_run_config(d.teacher_run)
+  if teacher is None:
+    raise ConfigError(f"Invalid config: `distill.teacher_run` is {d.teacher_run!r}, which records "
+                      "no experiment (no config.json or experiment.py there); set "
+                      "distill.teacher_config to the teacher's experiment file.")
+  return teacher
+
+
 def _model_parts(exp: Experiment):
   """(make_model, finish, base, extra): the model; what is attached to it after loading
   (PEFT modules, a distillation teacher); the base weights `train.init_from` names (None:
@@ -95,8 +111,7 @@ def _model_parts(exp: Experiment):
     base, source = base_params(exp.train.init_from, abstract_params(exp.model), grown_rows(exp))
     print(f"lmx train: initialized from {source}", file=sys.stderr)
   if exp.train.objective == "distill":
-    from lmx.experiment import load_experiment
-    teacher = load_experiment([f"--config={exp.distill.teacher_config}"])[0]
+    teacher = _teacher_experiment(exp)
     teacher_cfg = dataclasses.replace(teacher.model, dtype=exp.model.dtype)
     if teacher_cfg.vocab_size != exp.model.vocab_size:
       raise ValueError(f"distill: the teacher's vocab_size {teacher_cfg.vocab_size} differs "
