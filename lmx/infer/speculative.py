@@ -52,6 +52,7 @@ from flax import nnx
 
 from lmx.infer.choice import ROW_FIELDS, SamplingOptions, sampling_logits
 from lmx.infer.engine import check_prompts, pad_prompts
+from lmx.infer import sampling
 from lmx.model.transformer import KVCache, Transformer, for_decoding
 
 
@@ -99,7 +100,7 @@ def verify(key: jax.Array, z_target: jax.Array, q: jax.Array | None, x: jax.Arra
   """
   k = x.shape[1]
   if greedy:
-    best = jnp.argmax(z_target, axis=-1).astype(jnp.int32)  # (B, k+1)
+    best = sampling.greedy(z_target)  # (B, k+1)
     return x == best[:, :k], best
   p = jax.nn.softmax(z_target, axis=-1)  # (B, k+1, V)
   k_accept, k_fix = jax.random.split(key)
@@ -177,7 +178,7 @@ def _spec_decode(graphdef, state, draft_graphdef, draft_state, tokens, start, ke
       logits, cache = draft.decode(tok[:, None], pos, cache)
       z = process(logits[:, 0], c.step + j)
       if greedy:
-        nxt = jnp.argmax(z, axis=-1).astype(jnp.int32)
+        nxt = sampling.greedy(z)
       else:
         nxt = jax.random.categorical(jax.random.fold_in(rkey, j), z, axis=-1).astype(jnp.int32)
       return (cache, nxt), (nxt, jax.nn.softmax(z, axis=-1))
